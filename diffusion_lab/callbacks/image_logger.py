@@ -1,0 +1,114 @@
+"""Sample a fixed-noise grid (one row per class, guided) every N steps from the EMA weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from diffusion_lab.callbacks.ema import averaged_module
+from diffusion_lab.images import save_grid
+
+
+class ImageLogger(Callback):
+    """Writes `<run>/samples/step_XXXXXX.png` (and to the logger). Class models: row k = class k."""
+
+    def __init__(
+        self,
+        *,
+        sampler: Callable[..., torch.Tensor],
+        every_n_steps: int = 500,
+        num_samples: int = 64,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        on_train_end: bool = True,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.sampler = sampler
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.log_on_train_end = on_train_end
+        self.paths: list[str] = []
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.log_on_train_end and trainer.global_step != self._last_step:
+            self.log_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        self._last_step = trainer.global_step
+        model = averaged_module(trainer, pl_module)
+        images, nrow = sample_grid(
+            model,
+            sampler=self.sampler,
+            num_samples=self.num_samples,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+        )
+        path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}.png"
+        save_grid(images, path, nrow=nrow)
+        self.paths.append(str(path))
+        log_image_to_loggers(trainer, "samples", path)
+        return path
+
+    @property
+    def summary(self) -> dict:
+        return {"sample_grids": list(self.paths)}
+
+
+def sample_grid(
+    model,
+    *,
+    sampler: Callable[..., torch.Tensor],
+    num_samples: int,
+    guidance_scale: float,
+    seed: int,
+    class_labels: list[int] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Fixed-seed samples for a grid: class models give one row per class, others a square grid."""
+    device = model.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    cond = {}
+    if getattr(model, "num_classes", None) is not None:
+        k = model.num_classes
+        classes = list(range(k)) if class_labels is None else list(class_labels)
+        per_row = max(1, num_samples // len(classes))
+        labels = torch.tensor(classes, device=device).repeat_interleave(per_row)
+        cond = {"class_labels": labels}
+        n, nrow = len(labels), per_row
+    else:
+        n, nrow = num_samples, max(1, int(math.sqrt(num_samples)))
+    images = model.sample(
+        sampler=sampler, num_samples=n, cond=cond, guidance_scale=guidance_scale, generator=g
+    )
+    return images, nrow
+
+
+def log_image_to_loggers(trainer: L.Trainer, key: str, path: Path) -> None:
+    """Send a PNG to wandb / TensorBoard loggers when present (CSV keeps only the file)."""
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+        elif name == "TensorBoardLogger":
+            import numpy as np
+            from PIL import Image
+
+            logger.experiment.add_image(
+                key, np.asarray(Image.open(path).convert("RGB")), trainer.global_step, dataformats="HWC"
+            )

@@ -1,0 +1,1 @@
+"""Data: LightningDataModules (digits, mnist, cifar, celeba, image folders), transforms and captions."""

@@ -1,0 +1,353 @@
+"""Shared pieces of every data module: image sources, a dict-batch dataset, seeded splits, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion_lab.data.transforms import ImageTransform
+
+if TYPE_CHECKING:
+    from diffusion_lab.data.captions import Captioner
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+# --------------------------------------------------------------------------------------------- errors
+class DataError(RuntimeError):
+    """A data set is malformed or a file in it cannot be read."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A data set's files are missing (or the folder is empty)."""
+
+
+class CorruptImageError(DataError):
+    """One image file cannot be decoded; `path` names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        super().__init__(f"corrupt or unreadable image file {self.path}: {reason}")
+
+
+def data_error(
+    dataset: str,
+    data_dir: str | os.PathLike | None,
+    problem: str,
+    *,
+    layout: str,
+    source: str,
+    hint: str = "",
+    missing: bool = True,
+) -> DataError:
+    """One-paragraph error: what is wrong, the expected layout, where to get the files."""
+    where = f"in {str(data_dir)!r}" if data_dir is not None else "(data_dir is not set)"
+    msg = f"{dataset} {where}: {problem}. Expected layout: {layout}. Get it from {source}."
+    if hint:
+        msg += f" {hint}"
+    return (DatasetNotFoundError if missing else DataError)(msg)
+
+
+def folder_is_empty(path: Path) -> bool:
+    """True for an existing directory without any entry (hidden files ignored)."""
+    return path.is_dir() and not any(not p.name.startswith(".") for p in path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ download
+def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex MD5 of a file, read in chunks."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_url(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout: float = 60.0) -> Path:
+    """Download `url` to `dest` (via `dest.part`), verify its MD5, and return `dest`; fails loudly."""
+    dest = Path(dest)
+    if dest.is_file() and (md5 is None or md5sum(dest) == md5):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    log.info("downloading %s -> %s", url, dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        raise DatasetNotFoundError(
+            f"could not download {url} ({e}); are you offline? Download it by hand and put it at {dest}."
+        ) from e
+    if md5 is not None and (got := md5sum(part)) != md5:
+        part.unlink(missing_ok=True)
+        raise DataError(
+            f"checksum mismatch for {url}: md5 {got}, expected {md5}; the download is corrupt or the file "
+            f"changed upstream. Delete it and retry, or put a verified copy at {dest}."
+        )
+    part.replace(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------- image I/O
+def load_image_file(path: str | os.PathLike, *, channels: int = 3) -> np.ndarray:
+    """Decode an image file with Pillow to uint8 (H, W) for 1 channel or (H, W, 3); CorruptImageError if not."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except FileNotFoundError as e:
+        raise CorruptImageError(path, "file not found") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
+
+
+class ArraySource:
+    """Images held in memory as one uint8 (N, H, W[, C]) array."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        return self.images[j]
+
+    def name(self, j: int) -> str:
+        return str(j)
+
+
+class FileSource:
+    """Images read from files `root / names[j]` with Pillow on access."""
+
+    def __init__(self, root: str | os.PathLike, names: Sequence[str], *, channels: int = 3) -> None:
+        self.root = str(root)
+        self.names = np.asarray(list(names), dtype=str)  # one array: cheap to share with workers
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        return load_image_file(os.path.join(self.root, self.names[j]), channels=self.channels)
+
+    def name(self, j: int) -> str:
+        return str(self.names[j])
+
+
+# ------------------------------------------------------------------------------------------ dataset
+class ImageDataset(Dataset):
+    """Items `indices` of an image source -> dicts {image, label?, attributes?, caption?}.
+
+    `label`, `attributes` and the captioner are indexed by the source index, so an item keeps its
+    caption whatever split it lands in. `train=True` draws a random caption per access; otherwise
+    the fixed caption of the item is used (deterministic evaluation). A corrupt image raises a
+    CorruptImageError naming the file, or with `skip_corrupt=True` logs a warning naming it and
+    returns the next readable item instead.
+    """
+
+    def __init__(
+        self,
+        source: ArraySource | FileSource,
+        indices: Sequence[int] | np.ndarray | None = None,
+        *,
+        transform: ImageTransform,
+        labels: np.ndarray | None = None,
+        class_names: Sequence[str] | None = None,
+        attributes: np.ndarray | None = None,
+        attribute_names: Sequence[str] | None = None,
+        captioner: Captioner | None = None,
+        train: bool = False,
+        skip_corrupt: bool = False,
+    ) -> None:
+        self.source = source
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.labels = labels
+        self.class_names = list(class_names) if class_names is not None else None
+        self.attributes = attributes
+        self.attribute_names = list(attribute_names) if attribute_names is not None else None
+        self.captioner = captioner
+        self.train = train
+        self.skip_corrupt = skip_corrupt
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _load(self, i: int) -> tuple[np.ndarray, int]:
+        """(uint8 image, source index) of item i, or of the next readable item when skipping."""
+        n = len(self.indices)
+        for step in range(n if self.skip_corrupt else 1):
+            j = int(self.indices[(i + step) % n])
+            try:
+                return self.source[j], j
+            except CorruptImageError as e:
+                if not self.skip_corrupt:
+                    raise
+                if e.path not in self._warned:
+                    self._warned.add(e.path)
+                    log.warning("skipping %s (skip_corrupt=True); using the next image instead", e)
+        raise DataError(f"no readable image left in this split of {len(self)} items (skip_corrupt=True)")
+
+    def __getitem__(self, i: int) -> dict:
+        image, j = self._load(i)
+        try:
+            out: dict = {"image": self.transform(image)}  # (C, H, W) in [-1, 1]
+        except ValueError as e:
+            raise DataError(f"image {self.source.name(j)}: {e}") from e
+        if self.labels is not None:
+            out["label"] = int(self.labels[j])
+        if self.attributes is not None:
+            out["attributes"] = torch.as_tensor(self.attributes[j], dtype=torch.float32)  # (K,) of 0/1
+        if self.captioner is not None:
+            out["caption"] = self.captioner.sample(j) if self.train else self.captioner.fixed(j)
+        return out
+
+    def caption(self, i: int, k: int = 0) -> str:
+        """The k-th fixed caption of item i (k=0 is the evaluation caption); no image is decoded."""
+        if self.captioner is None:
+            raise RuntimeError("this dataset was built without captions (captions=False)")
+        return self.captioner.fixed(int(self.indices[i]), k)
+
+    def info(self, i: int) -> dict:
+        """What is known about item i without decoding it: its name, label, class name, attributes."""
+        j = int(self.indices[i])
+        out: dict = {"id": self.source.name(j)}
+        if self.labels is not None:
+            out["label"] = int(self.labels[j])
+            if self.class_names is not None:
+                out["class_name"] = self.class_names[out["label"]]
+        if self.attributes is not None:
+            names = self.attribute_names or [str(k) for k in range(len(self.attributes[j]))]
+            out["attributes"] = [name for name, v in zip(names, self.attributes[j]) if v]
+        return out
+
+
+class ArrayImageDataset(ImageDataset):
+    """Images held in memory as uint8 (N, H, W[, C]) -> dict batches {image, label?, caption?}."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        image_size: int,
+        channels: int,
+        hflip: bool = False,
+        class_names: Sequence[str] | None = None,
+        captioner: Captioner | None = None,
+        train: bool = False,
+    ) -> None:
+        super().__init__(
+            ArraySource(images),
+            transform=ImageTransform(image_size=image_size, channels=channels, hflip=hflip),
+            labels=labels,
+            class_names=class_names,
+            captioner=captioner,
+            train=train,
+        )
+        self.images = images
+        self.hflip = hflip
+
+
+def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Shuffle range(n) with a seed and cut it into consecutive parts of the given fractions."""
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
+    perm = np.random.default_rng(seed).permutation(n)
+    cuts = np.cumsum([int(round(f * n)) for f in fractions[:-1]])
+    return np.split(perm, cuts)
+
+
+# -------------------------------------------------------------------------------------- data module
+class BaseDataModule(L.LightningDataModule):
+    """Loaders over `self.train_set` / `self.val_set` / `self.test_set`, built in `setup()`.
+
+    Subclasses set `image_size`, `channels` (and `num_classes`, `class_names`, `attribute_names`
+    where the data has them) and build the three splits with `_make_splits`. Val/test loaders are
+    never shuffled, never flipped and use each item's fixed caption.
+    """
+
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    attribute_names: list[str] | None = None
+    channels: int = 3
+    image_size: int = 32
+
+    def __init__(self, *, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _make_splits(
+        self,
+        source: ArraySource | FileSource,
+        parts: Sequence[np.ndarray],
+        *,
+        hflip: bool = False,
+        crop_size: int | None = None,
+        labels: np.ndarray | None = None,
+        attributes: np.ndarray | None = None,
+        captioner: Captioner | None = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        """Set train/val/test ImageDatasets over `parts` = (train, val, test) source indices."""
+        kw = dict(
+            labels=labels,
+            class_names=self.class_names,
+            attributes=attributes,
+            attribute_names=self.attribute_names,
+            captioner=captioner,
+            skip_corrupt=skip_corrupt,
+        )
+        tf = dict(image_size=self.image_size, channels=self.channels, crop_size=crop_size)
+        train, val, test = parts
+        self.train_set = ImageDataset(
+            source, train, transform=ImageTransform(**tf, hflip=hflip), train=True, **kw
+        )
+        self.val_set = ImageDataset(source, val, transform=ImageTransform(**tf), **kw)
+        self.test_set = ImageDataset(source, test, transform=ImageTransform(**tf), **kw)
+
+    def _loader(self, ds: Dataset | None, *, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        if ds is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last and len(ds) >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

@@ -1,0 +1,176 @@
+"""CelebA read from its official layout: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_lab.data.base import BaseDataModule, DataError, FileSource, data_error, folder_is_empty
+from diffusion_lab.data.captions import CELEBA_ATTRIBUTES, CELEBA_VOCABULARY, AttributeCaptioner
+
+log = logging.getLogger(__name__)
+
+CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+CELEBA_LAYOUT = (
+    "data_dir/img_align_celeba/{000001.jpg,...,202599.jpg} (the 'Align&Cropped Images'), "
+    "data_dir/list_attr_celeba.txt (line 1: image count, line 2: the 40 attribute names, then "
+    "'000001.jpg -1 1 ...') and data_dir/list_eval_partition.txt ('000001.jpg 0', 0/1/2 = train/val/test); "
+    "Kaggle's list_attr_celeba.csv / list_eval_partition.csv and a nested img_align_celeba/img_align_celeba/ "
+    "also work"
+)
+
+
+def _error(data_dir: Path, problem: str, *, missing: bool = True, hint: str = "") -> DataError:
+    return data_error(
+        "CelebA", data_dir, problem, layout=CELEBA_LAYOUT, source=CELEBA_URL, hint=hint, missing=missing
+    )
+
+
+def _find(data_dir: Path, stem: str) -> Path | None:
+    """An annotation file by stem: .txt at the top or in Anno/ or Eval/, else Kaggle's .csv."""
+    for p in (data_dir / f"{stem}.txt", data_dir / "Anno" / f"{stem}.txt", data_dir / "Eval" / f"{stem}.txt"):
+        if p.is_file():
+            return p
+    csv = data_dir / f"{stem}.csv"
+    return csv if csv.is_file() else None
+
+
+def read_attributes(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
+    """list_attr_celeba.txt (or .csv) -> (attribute names, image file names, uint8 (N, 40) of 0/1)."""
+    path = Path(path)
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix == ".csv":
+        header, rows, first = lines[0].split(",")[1:], [ln.split(",") for ln in lines[1:]], 2
+    else:
+        if len(lines) < 2 or not lines[0].strip().isdigit():
+            raise DataError(f"{path.name}: line 1 should be the number of images, got {lines[:1]!r}")
+        header, first = lines[1].split(), 3
+        rows = [ln.split() for ln in lines[2:]]
+        if int(lines[0]) != len(rows):
+            raise DataError(f"{path.name}: line 1 says {int(lines[0])} images but {len(rows)} rows follow")
+    if not header:
+        raise DataError(f"{path.name}: no attribute names in the header")
+    files, values = [], np.zeros((len(rows), len(header)), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        if len(row) != len(header) + 1:
+            raise DataError(
+                f"{path.name} line {i + first}: expected a file name and {len(header)} values, got {len(row)} fields"
+            )
+        try:
+            v = np.array([int(x) for x in row[1:]])
+        except ValueError as e:
+            raise DataError(f"{path.name} line {i + first}: values must be -1/1 (or 0/1): {e}") from e
+        if not np.isin(v, (-1, 0, 1)).all():
+            raise DataError(
+                f"{path.name} line {i + first}: values must be -1/1 (or 0/1), got {sorted(set(v))}"
+            )
+        files.append(row[0])
+        values[i] = v > 0
+    return header, files, values
+
+
+def read_partition(path: str | os.PathLike) -> dict[str, int]:
+    """list_eval_partition.txt (or .csv) -> {file name: 0 train | 1 val | 2 test}."""
+    path = Path(path)
+    sep = "," if path.suffix == ".csv" else None
+    out = {}
+    for i, line in enumerate(path.read_text().splitlines()):
+        row = line.strip().split(sep)
+        if not line.strip() or (sep and i == 0 and not row[-1].strip().isdigit()):
+            continue  # blank line or csv header
+        if len(row) != 2 or row[1].strip() not in ("0", "1", "2"):
+            raise DataError(f"{path.name} line {i + 1}: expected '<file> <0|1|2>', got {line.strip()!r}")
+        out[row[0].strip()] = int(row[1])
+    return out
+
+
+class CelebADataModule(BaseDataModule):
+    """CelebA faces: official train/val/test partition, center crop then resize, the 40 attributes (0/1)."""
+
+    attribute_names = list(CELEBA_ATTRIBUTES)
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike = "data/celeba",
+        image_size: int = 64,
+        crop_size: int | None = 140,
+        channels: int = 3,
+        hflip: bool = True,
+        captions: bool = False,
+        skip_corrupt: bool = False,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.data_dir = Path(data_dir)
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.channels = channels
+        self.hflip = hflip
+        self.captions = captions
+        self.skip_corrupt = skip_corrupt
+        self.seed = seed
+
+    def _image_dir(self) -> Path:
+        d = self.data_dir
+        if not d.is_dir():
+            raise _error(d, "the folder does not exist")
+        if folder_is_empty(d):
+            raise _error(d, "the folder is empty")
+        for cand in (d / "img_align_celeba" / "img_align_celeba", d / "img_align_celeba"):
+            if cand.is_dir():
+                if folder_is_empty(cand):
+                    raise _error(d, f"{cand.relative_to(d)}/ is empty")
+                return cand
+        zipped = (
+            "Unzip img_align_celeba.zip inside data_dir." if (d / "img_align_celeba.zip").is_file() else ""
+        )
+        raise _error(d, "there is no img_align_celeba/ folder", hint=zipped)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        d = self.data_dir
+        image_dir = self._image_dir()
+        attr_path, part_path = _find(d, "list_attr_celeba"), _find(d, "list_eval_partition")
+        for stem, p in (("list_attr_celeba", attr_path), ("list_eval_partition", part_path)):
+            if p is None:
+                raise _error(d, f"{stem}.txt is missing")
+        try:
+            names, files, attributes = read_attributes(attr_path)
+            partition = read_partition(part_path)
+        except (DataError, UnicodeDecodeError) as e:
+            raise _error(d, f"malformed annotation file: {e}", missing=False) from e
+        if no_split := [f for f in files if f not in partition]:
+            raise _error(d, f"{len(no_split)} images of {attr_path.name} are not in {part_path.name} "
+                         f"(first: {no_split[0]})", missing=False)  # fmt: skip
+        on_disk = set(os.listdir(image_dir))
+        if absent := [f for f in files if f not in on_disk]:
+            msg = f"{len(absent)} of the {len(files)} images listed in {attr_path.name} are missing from {image_dir}"
+            if not self.skip_corrupt:
+                raise _error(d, f"{msg} (first: {absent[0]})")
+            log.warning("%s (first: %s); skipping them (skip_corrupt=True)", msg, absent[0])
+            keep = np.array([f in on_disk for f in files])
+            files, attributes = [f for f, k in zip(files, keep) if k], attributes[keep]
+        split = np.array([partition[f] for f in files])
+        self.attribute_names = names
+        captioner = (
+            AttributeCaptioner(attributes, names, vocab=CELEBA_VOCABULARY, seed=self.seed)
+            if self.captions
+            else None
+        )
+        self._make_splits(
+            FileSource(image_dir, files, channels=self.channels),
+            [np.flatnonzero(split == k) for k in (0, 1, 2)],
+            hflip=self.hflip,
+            crop_size=self.crop_size,
+            attributes=attributes,
+            captioner=captioner,
+            skip_corrupt=self.skip_corrupt,
+        )

@@ -1,0 +1,177 @@
+"""Beta / alpha-bar noise schedules (linear, scaled_linear, cosine, sigmoid), registered by name."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .registry import Registry
+from .utils import append_dims, check_options
+
+SCHEDULES = Registry("noise schedule")
+SPACINGS = ("leading", "trailing", "linspace")
+
+# alpha-bar used in sigma space where the true alpha-bar is 0 (zero terminal SNR), as diffusers does.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+@SCHEDULES.register("linear")
+def linear(num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Linear betas (Ho et al. 2020, DDPM)."""
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+@SCHEDULES.register("scaled_linear")
+def scaled_linear(num_timesteps: int, *, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """Betas linear in sqrt space (Rombach et al. 2022, Stable Diffusion; diffusers 'scaled_linear')."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+@SCHEDULES.register("cosine")
+def cosine(num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine alpha-bar (Nichol & Dhariwal 2021, eq. 17), betas clipped at max_beta (diffusers 'squaredcos_cap_v2')."""
+    t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+@SCHEDULES.register("sigmoid")
+def sigmoid(num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Sigmoid betas over [-6, 6] (Xu et al. 2022, GeoDiff; diffusers 'sigmoid')."""
+    x = torch.linspace(-6, 6, num_timesteps, dtype=torch.float64)
+    return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+
+
+def rescale_to_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Rescale betas so that the terminal SNR is exactly zero (Lin et al. 2023, Algorithm 1)."""
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    sqrt_ab_0, sqrt_ab_T = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - sqrt_ab_T) * sqrt_ab_0 / (sqrt_ab_0 - sqrt_ab_T)
+    alpha_bar = sqrt_ab**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def check_spacing(spacing: str) -> None:
+    """Raise a ValueError listing the valid timestep spacings if ``spacing`` is not one of them."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; valid choices: {', '.join(SPACINGS)}")
+
+
+class NoiseSchedule:
+    """A discrete VP noise schedule: q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), t = 0..T-1.
+
+    Tables are float64 on the CPU; ``table(...)`` casts and moves them on demand (cached per device/dtype).
+    """
+
+    def __init__(self, *, name: str, betas: Tensor) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if betas.ndim != 1 or len(betas) < 1:
+            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
+            raise ValueError(f"betas must lie in (0, 1], got min {betas.min():.3g} and max {betas.max():.3g}")
+        self.name = name
+        self.num_timesteps = len(betas)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # ab_t, (T,)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()  # alpha_t
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()  # sigma_t
+        self.snrs = self.alphas_cumprod / (1 - self.alphas_cumprod)  # alpha_t^2 / sigma_t^2
+        # k-diffusion sigma = sigma_t / alpha_t; finite at zero terminal SNR (ab clamped like diffusers).
+        ab = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod, ZERO_SNR_ALPHA_BAR)
+        self.sigmas = ((1 - ab) / ab).sqrt()
+        self._cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+    def __repr__(self) -> str:
+        ab = self.alphas_cumprod
+        return f"NoiseSchedule(name={self.name!r}, num_timesteps={self.num_timesteps}, ab=[{ab[0]:.4g} .. {ab[-1]:.4g}])"
+
+    def table(self, name: str, *, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+        """The attribute ``name`` (e.g. 'sqrt_alphas_cumprod') cast to ``dtype`` on ``device``, cached."""
+        key = (name, torch.device(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(dtype).to(device)  # cast on CPU: MPS has no float64
+        return self._cache[key]
+
+    def _gather(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(f"t must hold integer timesteps (LongTensor), got dtype {t.dtype}")
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        values = self.table(name, device=like.device, dtype=dtype)[t.to(like.device)]
+        return append_dims(values.reshape(len(t)), like.ndim)
+
+    def alpha_sigma(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(ab_t), sqrt(1 - ab_t)) shaped (B, 1, ...) to broadcast against ``x``."""
+        return self._gather("sqrt_alphas_cumprod", t, x), self._gather("sqrt_one_minus_alphas_cumprod", t, x)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Sample q(x_t | x_0) in closed form: x_t = alpha_t x0 + sigma_t noise (Ho et al. 2020, eq. 4)."""
+        if x0.shape != noise.shape or t.ndim != 1 or len(t) != len(x0):
+            raise ValueError(
+                f"add_noise wants x0 and noise of one shape (B, ...) and t of shape (B,), got "
+                f"{tuple(x0.shape)}, {tuple(noise.shape)}, {tuple(t.shape)}"
+            )
+        alpha_t, sigma_t = self.alpha_sigma(t, x0)
+        return (alpha_t * x0 + sigma_t * noise.to(x0.device)).to(x0.dtype)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ab_t / (1 - ab_t) at integer timesteps, float32 of shape (B,) on t's device."""
+        if t.is_floating_point():
+            raise TypeError(f"t must hold integer timesteps (LongTensor), got dtype {t.dtype}")
+        return self.table("snrs", device=t.device, dtype=torch.float32)[t]
+
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """k-diffusion sigma at (possibly fractional) timesteps, linear interpolation as numpy.interp (float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0, self.num_timesteps - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp(max=self.num_timesteps - 1)
+        w = t - low
+        return (1 - w) * self.sigmas[low] + w * self.sigmas[high]
+
+    def inference_timesteps(self, steps: int, spacing: str = "leading", *, rounded: bool = True) -> Tensor:
+        """Descending sampling timesteps as diffusers' ``set_timesteps`` (steps_offset=0).
+
+        leading: [0, r, 2r, ..] with r = T // steps; trailing: round(T - i T / steps) - 1; linspace:
+        round(linspace(0, T-1, steps)). ``rounded=False`` keeps the unrounded linspace values (float64),
+        as diffusers' Euler / Heun schedulers do; with rounded=True the result is a LongTensor.
+        """
+        T = self.num_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an integer in 1..{T} (num_timesteps), got {steps!r}")
+        check_spacing(spacing)
+        if spacing == "leading":
+            ts = (np.arange(0, steps) * (T // steps))[::-1].astype(np.float64)
+        elif spacing == "trailing":
+            # exact rationals (round half to even, as numpy): diffusers' float arange can yield steps+1 values
+            ts = np.array(
+                [round(Fraction(T * (steps - i), steps)) - 1 for i in range(steps)], dtype=np.float64
+            )
+        elif rounded:
+            ts = np.linspace(0, T - 1, steps).round()[::-1]
+        else:
+            ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+        ts = torch.from_numpy(ts.copy())
+        return ts.long() if rounded else ts
+
+
+def get_schedule(
+    name: str, num_timesteps: int = 1000, *, rescale_zero_terminal_snr: bool = False, **opts: float
+) -> NoiseSchedule:
+    """Build the registered schedule ``name`` with ``num_timesteps`` steps.
+
+    rescale_zero_terminal_snr: rescale to zero terminal SNR (Lin et al. 2023); use v or x0 prediction with it.
+    """
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+    fn = SCHEDULES.get(name)
+    check_options(fn, opts, what=f"noise schedule {name!r}")
+    betas = fn(num_timesteps, **opts)
+    if rescale_zero_terminal_snr:
+        if num_timesteps < 2:
+            raise ValueError("rescale_zero_terminal_snr needs num_timesteps >= 2")
+        betas = rescale_to_zero_terminal_snr(betas)
+    return NoiseSchedule(name=name, betas=betas)

@@ -1,0 +1,51 @@
+"""Image grids and PNG/NPZ writing with einops and Pillow (no torchvision)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from diffusion_lab.data.transforms import to_uint8
+
+
+def make_grid(
+    images: np.ndarray | torch.Tensor, *, nrow: int, pad: int = 1, pad_value: int = 255
+) -> np.ndarray:
+    """uint8 (N, H, W, C) (or float (N, C, H, W) in [-1, 1]) -> one uint8 (rows*H, nrow*W, C) grid image."""
+    if isinstance(images, torch.Tensor):
+        images = to_uint8(images)
+    n, h, w, c = images.shape
+    rows = -(-n // nrow)
+    full = np.full((rows * nrow, h + 2 * pad, w + 2 * pad, c), pad_value, dtype=np.uint8)
+    full[:n, pad : pad + h, pad : pad + w] = images
+    return rearrange(full, "(r k) h w c -> (r h) (k w) c", k=nrow)
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike, *, min_size: int = 256) -> Path:
+    """Write a uint8 (H, W, C) image atomically, upscaled (nearest) so small grids stay visible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    scale = max(1, -(-min_size // max(img.size)))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, *, nrow: int) -> Path:
+    """Grid of images -> PNG at `path`."""
+    return save_png(make_grid(images, nrow=nrow), path)

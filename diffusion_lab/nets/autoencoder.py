@@ -1,0 +1,348 @@
+"""KL autoencoder (latent diffusion's stage 1): conv Encoder/Decoder, diagonal Gaussian posterior, loader."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_lab.nets.layers import AttentionBlock, Downsample, Upsample, group_norm, zero_init
+
+# Key of the self-contained block a stage-1 checkpoint carries (see `autoencoder_checkpoint_block`).
+CHECKPOINT_KEY = "autoencoder"
+CHECKPOINT_FORMAT = "diffusion_lab.AutoencoderKL/1"
+
+
+class DiagonalGaussian:
+    """Posterior N(mean, diag(exp(logvar))) over latents (B, C, h, w) (Kingma & Welling; latent diffusion)."""
+
+    def __init__(
+        self, mean: torch.Tensor, logvar: torch.Tensor, *, logvar_range: tuple[float, float] = (-30.0, 20.0)
+    ):
+        if mean.shape != logvar.shape:
+            raise ValueError(f"mean and logvar shapes differ: {tuple(mean.shape)} vs {tuple(logvar.shape)}")
+        self.mean = mean
+        self.logvar = logvar.clamp(*logvar_range)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> DiagonalGaussian:
+        """Split (B, 2C, h, w) encoder output into mean and log-variance along channels."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return cls(mean, logvar)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mean.shape
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised sample mean + std * eps, eps ~ N(0, I)."""
+        eps = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, summed over latent elements: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(dim=1)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual connection (no time embedding)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, *, dropout: float = 0.0, norm_groups: int = 32
+    ) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, C_out, H, W)
+        return self.skip(x) + h
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock -> self-attention (optional) -> ResnetBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, *, attention: bool, dropout: float, norm_groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout=dropout, norm_groups=norm_groups)
+        self.attn = (
+            AttentionBlock(channels, num_heads=1, norm_groups=norm_groups) if attention else nn.Identity()
+        )
+        self.block_2 = ResnetBlock(channels, channels, dropout=dropout, norm_groups=norm_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn(self.block_1(x)))  # (B, C, h, w)
+
+
+class Encoder(nn.Module):
+    """Image (B, C, H, W) -> posterior moments (B, 2 * latent_channels, H / f, W / f), f = 2^(levels - 1)."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        base_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        latent_channels: int,
+        attention_levels: Sequence[int] = (),
+        mid_attention: bool = True,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        ch = base_channels
+        for level, mult in enumerate(channel_mult):
+            out = base_channels * mult
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.blocks.append(ResnetBlock(ch, out, dropout=dropout, norm_groups=norm_groups))
+                use_attn = level in attention_levels
+                stage.attn.append(
+                    AttentionBlock(out, num_heads=1, norm_groups=norm_groups) if use_attn else nn.Identity()
+                )
+                ch = out
+            stage.downsample = Downsample(ch) if level < len(channel_mult) - 1 else nn.Identity()
+            self.down.append(stage)
+        self.mid = MidBlock(ch, attention=mid_attention, dropout=dropout, norm_groups=norm_groups)
+        self.norm_out = group_norm(ch, norm_groups)
+        self.conv_out = nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, C0, H, W)
+        for stage in self.down:
+            for block, attn in zip(stage.blocks, stage.attn):
+                h = attn(block(h))  # (B, C_level, H_level, W_level)
+            h = stage.downsample(h)  # (B, C_level, H_level / 2, W_level / 2) except at the last level
+        h = self.mid(h)  # (B, C_last, H / f, W / f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * latent_channels, H / f, W / f)
+
+
+class Decoder(nn.Module):
+    """Latent (B, latent_channels, h, w) -> image (B, C, h * f, w * f); mirror of the Encoder."""
+
+    def __init__(
+        self,
+        *,
+        out_channels: int,
+        base_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        latent_channels: int,
+        attention_levels: Sequence[int] = (),
+        mid_attention: bool = True,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        ch = base_channels * channel_mult[-1]
+        self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
+        self.mid = MidBlock(ch, attention=mid_attention, dropout=dropout, norm_groups=norm_groups)
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(channel_mult))):
+            out = base_channels * channel_mult[level]
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.blocks.append(ResnetBlock(ch, out, dropout=dropout, norm_groups=norm_groups))
+                use_attn = level in attention_levels
+                stage.attn.append(
+                    AttentionBlock(out, num_heads=1, norm_groups=norm_groups) if use_attn else nn.Identity()
+                )
+                ch = out
+            stage.upsample = Upsample(ch) if level > 0 else nn.Identity()
+            self.up.append(stage)
+        self.norm_out = group_norm(ch, norm_groups)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the output convolution (where the adaptive GAN weight compares gradients)."""
+        return self.conv_out.weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))  # (B, C_last, h, w)
+        for stage in self.up:
+            for block, attn in zip(stage.blocks, stage.attn):
+                h = attn(block(h))  # (B, C_level, H_level, W_level)
+            h = stage.upsample(h)  # (B, C_level, 2 H_level, 2 W_level) except at the first level
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, h * f, w * f)
+
+
+class AutoencoderKL(nn.Module):
+    """KL-regularised autoencoder (Rombach et al. 2022, "High-Resolution Image Synthesis with LDMs").
+
+    Downsampling factor f = 2^(len(channel_mult) - 1): channel_mult (1, 2, 2) -> f = 4, (1, 2, 4, 4) -> f = 8.
+    The constructor's keyword arguments are kept in `init_kwargs` (plain Python) so a checkpoint can rebuild it.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        latent_channels: int = 4,
+        attention_levels: Sequence[int] = (),
+        mid_attention: bool = True,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        channel_mult = [int(m) for m in channel_mult]
+        attention_levels = [int(a) for a in attention_levels]
+        if not channel_mult:
+            raise ValueError("channel_mult must have at least one level")
+        if any(a < 0 or a >= len(channel_mult) for a in attention_levels):
+            raise ValueError(
+                f"attention_levels {attention_levels} must index channel_mult levels 0..{len(channel_mult) - 1}"
+            )
+        out_channels = in_channels if out_channels is None else int(out_channels)
+        self.init_kwargs: dict[str, Any] = dict(
+            in_channels=int(in_channels),
+            out_channels=out_channels,
+            base_channels=int(base_channels),
+            channel_mult=channel_mult,
+            num_res_blocks=int(num_res_blocks),
+            latent_channels=int(latent_channels),
+            attention_levels=attention_levels,
+            mid_attention=bool(mid_attention),
+            dropout=float(dropout),
+            norm_groups=int(norm_groups),
+        )
+        shared = dict(
+            base_channels=base_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            latent_channels=latent_channels,
+            attention_levels=attention_levels,
+            mid_attention=mid_attention,
+            dropout=dropout,
+            norm_groups=norm_groups,
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.latent_channels = latent_channels
+        self.downsampling_factor = 2 ** (len(channel_mult) - 1)
+        self.encoder = Encoder(in_channels=in_channels, **shared)
+        self.decoder = Decoder(out_channels=out_channels, **shared)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """PyTorch default conv init; zero the second conv of every residual branch (DiT-style)."""
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                zero_init(m.conv2)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.last_layer
+
+    def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image of `image_size`."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self._check_size(h, w)
+        return self.latent_channels, h // self.downsampling_factor, w // self.downsampling_factor
+
+    def _check_size(self, h: int, w: int) -> None:
+        f = self.downsampling_factor
+        if h % f or w % f:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the downsampling factor {f} "
+                f"(channel_mult has {f.bit_length()} levels): resize/pad the images or use fewer levels"
+            )
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Image (B, C, H, W) in [-1, 1] -> posterior over latents (B, latent_channels, H / f, W / f)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected images (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self._check_size(x.shape[-2], x.shape[-1])
+        return DiagonalGaussian.from_moments(self.encoder(x))  # moments (B, 2 C_z, h, w)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, latent_channels, h, w) -> image (B, C, h * f, w * f)."""
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"expected latents (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
+        return self.decoder(z)
+
+    def forward(
+        self, x: torch.Tensor, *, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)  # over (B, C_z, H / f, W / f)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior  # (B, C, H, W)
+
+
+def autoencoder_checkpoint_block(
+    net: AutoencoderKL, state_dict: dict[str, torch.Tensor], scale_factor: float | None, *, ema: bool = False
+) -> dict[str, Any]:
+    """The self-contained `checkpoint["autoencoder"]` block: constructor kwargs, weights, latent scale factor."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "kwargs": dict(net.init_kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "scale_factor": None if scale_factor is None else float(scale_factor),
+        "ema": bool(ema),
+    }
+
+
+def load_autoencoder(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[AutoencoderKL, float]:
+    """Rebuild the (EMA) autoencoder and its latent scale factor from a stage-1 checkpoint alone (no Hydra).
+
+    Returns the net in eval mode and the scale factor (latents for diffusion = scale_factor * z).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"autoencoder checkpoint not found: {str(path)!r}. Train one first, e.g. "
+            "`python -m diffusion_lab.train experiment=mnist_autoencoder`, and pass its "
+            "<run_dir>/checkpoints/last.ckpt"
+        )
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # A Lightning checkpoint whose hyper-parameters hold Python objects: a file this project wrote.
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    block = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if not isinstance(block, dict) or block.get("format") != CHECKPOINT_FORMAT:
+        keys = sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a stage-1 autoencoder checkpoint: it has no {CHECKPOINT_KEY!r} block of format "
+            f"{CHECKPOINT_FORMAT!r} (found keys: {keys}). Pass the last.ckpt of an AutoencoderSystem run."
+        )
+    if block.get("scale_factor") is None:
+        raise ValueError(
+            f"{str(path)!r} has no latent scale factor: it is computed when training ends "
+            "(AutoencoderSystem.on_train_end) and stored in <run_dir>/checkpoints/last.ckpt; checkpoints saved "
+            "during training have none. Use last.ckpt, or call AutoencoderSystem.compute_scale_factor and save again."
+        )
+    net = AutoencoderKL(**block["kwargs"])
+    net.load_state_dict(block["state_dict"])
+    return net.to(map_location).eval(), float(block["scale_factor"])

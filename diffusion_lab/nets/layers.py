@@ -1,0 +1,148 @@
+"""UNet building blocks: timestep embedding, ResBlock, attention (torch SDPA), Down/Upsample."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= `groups` that divides `channels`."""
+    return nn.GroupNorm(math.gcd(channels, groups), channels, eps=1e-6)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters (output layers of residual branches, DiT-style)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (B,) -> (B, dim) (Vaswani et al.; DDPM)."""
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must have shape (B,), got {tuple(t.shape)}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with the time embedding added (or scale-shift, Dhariwal & Nichol) between."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        emb_dim: int,
+        dropout: float = 0.0,
+        scale_shift: bool = True,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
+        self.norm2 = group_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        e = self.emb(F.silu(emb))[:, :, None, None]  # (B, C_out or 2 C_out, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention over image tokens, with keys/values from the image (self) or a context (cross)."""
+
+    def __init__(self, channels: int, *, num_heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_kv = nn.Linear(context_dim or channels, 2 * channels, bias=False)
+        self.proj = zero_init(nn.Linear(channels, channels))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: (B, N, C) image tokens; context: (B, L, D); mask: (B, L) bool, True = attend
+        q = self.to_q(x)
+        k, v = self.to_kv(x if context is None else context).chunk(2, dim=-1)
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.num_heads) for a in (q, k, v))
+        attn_mask = None
+        if mask is not None:
+            mask = mask.bool()
+            # a fully masked row would give NaN: let it see its first token instead
+            mask = mask | (
+                ~mask.any(dim=1, keepdim=True) & (torch.arange(mask.shape[1], device=mask.device) == 0)
+            )
+            attn_mask = mask[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm self-attention, then cross-attention to a text context when `context_dim` is set."""
+
+    def __init__(
+        self, channels: int, *, num_heads: int = 4, context_dim: int | None = None, norm_groups: int = 32
+    ) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, norm_groups)
+        self.self_attn = Attention(channels, num_heads=num_heads)
+        self.cross_attn = None
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(channels)
+            self.cross_attn = Attention(channels, num_heads=num_heads, context_dim=context_dim)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, HW, C)
+        out = rearrange(x, "b c h w -> b (h w) c") + self.self_attn(tokens)
+        if self.cross_attn is not None and context is not None:
+            out = out + self.cross_attn(self.norm_cross(out), context, context_mask)
+        return rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution halving H and W."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

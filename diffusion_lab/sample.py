@@ -1,0 +1,167 @@
+"""Sampling entry point: `python -m diffusion_lab.sample ckpt=PATH sampler=NAME n=N out=DIR` -> grid + npz."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.callbacks.run_config import CHECKPOINT_KEY
+from diffusion_lab.data.transforms import to_uint8
+from diffusion_lab.images import save_grid
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, not ours, or not matching the model."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a diffusion_lab checkpoint file (CPU), failing with a one-line cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not a diffusion_lab training checkpoint (no '{CHECKPOINT_KEY}' config block)"
+        )
+    return ckpt
+
+
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """load_state_dict that reports differing architectures as a short list, not a wall of keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. " + "; ".join(shapes[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        raise CheckpointError(f"{source} does not match the model: " + " | ".join(parts))
+    module.load_state_dict(state)
+
+
+def load_system(path: str | Path, *, device: str | torch.device = "cpu"):
+    """Rebuild the trained system (EMA weights) and its run config from a checkpoint alone."""
+    ckpt = read_checkpoint(path)
+    config = ckpt[CHECKPOINT_KEY]["config"]
+    model = instantiate(OmegaConf.create(config["model"]), _convert_="all")
+    load_state_checked(model, ckpt["state_dict"], source=str(path))
+    model.eval().to(device)
+    return model, config
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_condition(model, *, n: int, class_label: int | None, prompt: str | None) -> tuple[dict, dict]:
+    """Net condition for n samples plus what to record in samples.npz (labels / prompts)."""
+    num_classes = getattr(model, "num_classes", None)
+    if prompt is not None:
+        if not hasattr(model, "encode_prompts"):
+            raise ValueError("prompt given, but this model is not text-conditional")
+        return model.encode_prompts([prompt] * n), {"prompts": np.array([prompt] * n)}
+    if class_label is not None:
+        if num_classes is None:
+            raise ValueError("class_label given, but this model is not class-conditional")
+        if not 0 <= int(class_label) < num_classes:
+            raise ValueError(
+                f"class_label={class_label} is out of range: this model has classes 0..{num_classes - 1}"
+            )
+        labels = torch.full((n,), int(class_label), dtype=torch.long)
+    elif num_classes is not None:
+        labels = torch.arange(n) * num_classes // n  # all classes, in blocks
+    else:
+        return {}, {}
+    return {"class_labels": labels.to(model.device)}, {"labels": labels.numpy()}
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Draw `cfg.n` samples; write `grid.png`, `samples.npz` and `sample.json` into the output folder."""
+    if cfg.n < 1:
+        raise ValueError(f"n must be >= 1, got {cfg.n}")
+    if cfg.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
+    sampler = instantiate(cfg.sampler)
+    device = resolve_device(cfg.device)
+    model, _ = load_system(cfg.ckpt, device=device)
+    out = (
+        Path(cfg.out)
+        if cfg.out
+        else Path(cfg.ckpt).resolve().parent.parent / "samples_cli" / f"{sampler.name}_{sampler.steps}"
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
+    cond, record = build_condition(model, n=cfg.n, class_label=cfg.class_label, prompt=cfg.prompt)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x_T = torch.randn((cfg.n, *model.sample_shape), generator=g, device=device)
+    chunks = []
+    for i in range(0, cfg.n, cfg.batch_size):
+        part = {k: v[i : i + cfg.batch_size] for k, v in cond.items()}
+        chunks.append(
+            model.sample(
+                sampler=sampler,
+                x_T=x_T[i : i + cfg.batch_size],
+                cond=part,
+                guidance_scale=cfg.guidance_scale if part else 1.0,
+                generator=g,
+                progress=True,
+            ).cpu()
+        )
+    images = to_uint8(torch.cat(chunks))
+    nrow = cfg.nrow or (
+        cfg.n // model.num_classes
+        if "labels" in record and cfg.class_label is None and cfg.n >= model.num_classes
+        else max(1, int(math.sqrt(cfg.n)))
+    )
+    save_grid(images, out / "grid.png", nrow=nrow)
+    np.savez_compressed(out / "samples.npz", images=images, **record)
+    info = {
+        "ckpt": str(cfg.ckpt),
+        "sampler": sampler.name,
+        "steps": sampler.steps,
+        "nfe": sampler.nfe,
+        "n": cfg.n,
+        "seed": cfg.seed,
+        "guidance_scale": cfg.guidance_scale,
+        "out": str(out),
+    }
+    (out / "sample.json").write_text(json.dumps(info, indent=2) + "\n")
+    log.info("wrote %s and %s", out / "grid.png", out / "samples.npz")
+    return info
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Pixel-space diffusion system: a denoising net + noise schedule + loss + optimizer in Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from diffusion_lab.diffusion import NoiseSchedule, diffusion_loss, get_loss_weighting, training_target
+from diffusion_lab.diffusion.parameterization import PREDICTION_TYPES
+
+
+class DiffusionSystem(L.LightningModule):
+    """DDPM training (Ho et al. 2020) with eps / v / x0 targets and per-sample CFG condition dropout.
+
+    `encode` / `decode` map images to the diffusion space and back (identity here; the latent
+    system overrides them). Conditioning comes from the batch: `label` -> `class_labels`.
+    """
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        prediction_type: str = "eps",
+        loss_weighting: str = "uniform",
+        loss_weighting_opts: dict[str, float] | None = None,
+        cond_drop_prob: float = 0.1,
+        image_size: int,
+    ) -> None:
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {prediction_type!r}; valid choices: {', '.join(PREDICTION_TYPES)}"
+            )
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler"])
+        self.net = net
+        self.schedule = schedule
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.prediction_type = prediction_type
+        self.loss_weight = get_loss_weighting(loss_weighting, **(loss_weighting_opts or {}))
+        self.cond_drop_prob = cond_drop_prob
+        self.image_size = image_size
+
+    # ----------------------------------------------------------------- conditioning
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.net, "num_classes", None)
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def condition(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Net keyword arguments for a batch (empty when unconditional)."""
+        if self.num_classes is None:
+            return {}
+        if "label" not in batch:
+            raise ValueError("the net is class-conditional but the batch has no 'label'")
+        return {"class_labels": batch["label"].long()}
+
+    def null_condition(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The null condition of classifier-free guidance: class id `num_classes`."""
+        if self.num_classes is None:
+            return {}
+        return {
+            "class_labels": torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.device)
+        }
+
+    def drop_condition(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Replace each sample's condition by the null one with probability `cond_drop_prob` (CFG training)."""
+        if not cond or self.cond_drop_prob == 0.0:
+            return cond
+        b = next(iter(cond.values())).shape[0]
+        drop = torch.rand(b, device=self.device) < self.cond_drop_prob  # (B,)
+        null = self.null_condition(b)
+        out = {}
+        for key, value in cond.items():
+            mask = drop.view(-1, *([1] * (value.ndim - 1)))
+            out[key] = torch.where(mask, null[key], value)
+        return out
+
+    # ----------------------------------------------------------------- data space
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the space diffusion runs in (identity for pixel space)."""
+        return images
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Diffusion space -> images in [-1, 1]."""
+        return x0.clamp(-1, 1)
+
+    # ----------------------------------------------------------------- training
+    def diffusion_step(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        x0 = self.encode(batch["image"])  # (B, C, H, W)
+        b = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        cond = self.drop_condition(self.condition(batch)) if self.training else self.condition(batch)
+        out = self.net(x_t, t, **cond)
+        alpha_t, sigma_t = self.schedule.alpha_sigma(t, x0)
+        target = training_target(self.prediction_type, x0=x0, noise=noise, alpha_t=alpha_t, sigma_t=sigma_t)
+        weight = self.loss_weight(self.schedule.snr(t), prediction_type=self.prediction_type)
+        return diffusion_loss(out, target, weight)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_step(batch)
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["image"])
+        )
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # fixed t and noise per batch so the validation loss is comparable across evaluations
+        g = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss = self.diffusion_step(batch, generator=g)
+        self.log(
+            "val/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]), sync_dist=True
+        )
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.lr_scheduler_factory is None:
+            return opt
+        sched = self.lr_scheduler_factory(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        *,
+        sampler: Callable[..., torch.Tensor],
+        num_samples: int | None = None,
+        x_T: torch.Tensor | None = None,
+        cond: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Draw images in [-1, 1]: x_T ~ N(0, I) -> sampler(net, CFG) -> x0 -> decode."""
+        if x_T is None:
+            if num_samples is None:
+                raise ValueError("give num_samples or x_T")
+            device = generator.device if generator is not None else self.device
+            x_T = torch.randn((num_samples, *self.sample_shape), generator=generator, device=device)
+        x_T = x_T.to(self.device)
+        cond = cond or {}
+        uncond = self.null_condition(x_T.shape[0]) if cond and guidance_scale != 1.0 else None
+        was_training = self.training
+        self.eval()
+        try:
+            x0 = sampler(
+                self.net,
+                x_T,
+                self.schedule,
+                prediction_type=self.prediction_type,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                progress=progress,
+            )
+        finally:
+            self.train(was_training)
+        return self.decode(x0)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of x_T."""
+        return (self.net.in_channels, self.image_size, self.image_size)

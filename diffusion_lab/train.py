@@ -1,0 +1,92 @@
+"""Training entry point: `python -m diffusion_lab.train [experiment=NAME] [overrides]` (Hydra)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.callbacks.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Every non-null entry of `cfg.callbacks` with a `_target_`."""
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ValueError(f"callbacks.{name} has no _target_")
+        out.append(instantiate(node))
+    return out
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Fit the configured system; write the last checkpoint and `summary.json` into the run dir."""
+    start = time.time()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, _convert_="all")
+    callbacks = build_callbacks(cfg)
+    callbacks.append(RunConfig(config=OmegaConf.to_container(cfg, resolve=True)))
+    callbacks.extend(extra_callbacks or [])
+    loggers = build_loggers(cfg)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
+    )
+    for lg in loggers:
+        if hasattr(lg, "log_hyperparams"):
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    last = out_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)
+    summary: dict[str, Any] = {
+        "task_name": cfg.get("task_name"),
+        "output_dir": str(out_dir),
+        "steps": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "wall_seconds": round(time.time() - start, 2),
+        "final_train_loss": _float(trainer.callback_metrics.get("train/loss")),
+        "final_val_loss": _float(trainer.callback_metrics.get("val/loss")),
+        "last_checkpoint": str(last),
+    }
+    for cb in callbacks:
+        summary.update(getattr(cb, "summary", None) or {})
+    if trainer.is_global_zero:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("summary: %s", json.dumps(summary))
+    return summary
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    summary = train(cfg)
+    return summary.get("final_train_loss")
+
+
+if __name__ == "__main__":
+    main()
