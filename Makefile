@@ -7,6 +7,10 @@ PIP ?= $(PY) -m pip
 setup:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
+	@# Fashion-MNIST ships offline as a Debian package (used by the MNIST-style experiments and tests)
+	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1; } || \
+	  echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); its tests will be skipped"
 
 test: setup
 	$(PY) -m pytest -q

@@ -11,18 +11,18 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from diffusion_lab.callbacks.checkpoint import CheckpointError
 from diffusion_lab.callbacks.run_config import CHECKPOINT_KEY
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.images import save_grid
+from diffusion_lab.validation import exit_on_user_error, state_mismatch
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, not ours, or not matching the model."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -43,31 +43,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """load_state_dict that reports differing architectures as a short list, not a wall of keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. " + "; ".join(shapes[:3]))
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+    if parts := state_mismatch(module.state_dict(), state):
         raise CheckpointError(f"{source} does not match the model: " + " | ".join(parts))
     module.load_state_dict(state)
+
+
+def standalone_model_config(model_config: dict, path: str | Path) -> DictConfig:
+    """The model config to rebuild a checkpoint from the file alone: a latent model's autoencoder comes from
+    the checkpoint itself (it carries the stage-1 block) and weights to start from (`init_ckpt`) are not
+    read, since the state_dict holds the trained ones."""
+    cfg = OmegaConf.create(model_config)
+    if "autoencoder_ckpt" in cfg:
+        cfg.autoencoder_ckpt = str(path)
+    for node in (cfg, cfg.get("text_encoder")):
+        if isinstance(node, DictConfig) and "init_ckpt" in node:
+            node.init_ckpt = None
+    return cfg
 
 
 def load_system(path: str | Path, *, device: str | torch.device = "cpu"):
     """Rebuild the trained system (EMA weights) and its run config from a checkpoint alone."""
     ckpt = read_checkpoint(path)
     config = ckpt[CHECKPOINT_KEY]["config"]
-    model = instantiate(OmegaConf.create(config["model"]), _convert_="all")
+    model = instantiate(standalone_model_config(config["model"], path), _convert_="all")
     load_state_checked(model, ckpt["state_dict"], source=str(path))
     model.eval().to(device)
     return model, config
@@ -160,7 +158,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
+    with exit_on_user_error((InstantiationException, OmegaConfBaseException)):
+        sample(cfg)
 
 
 if __name__ == "__main__":

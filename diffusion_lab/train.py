@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
+from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
+from diffusion_lab.validation import check_config, check_resume, ensure_writable_dir, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +44,26 @@ def build_loggers(cfg: DictConfig) -> list:
 def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Fit the configured system; write the last checkpoint and `summary.json` into the run dir."""
     start = time.time()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
+    check_config(OmegaConf.to_container(cfg, resolve=True))  # wrong types, unknown keys: one line
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, _convert_="all")
+    if cfg.get("ckpt_path"):  # a different architecture fails here, listing the differing config keys
+        model_config = OmegaConf.to_container(cfg.model, resolve=True)
+        for diff in check_resume(cfg.ckpt_path, model=model, model_config=model_config):
+            log.warning("resuming with a changed model config: %s", diff)
     callbacks = build_callbacks(cfg)
     callbacks.append(RunConfig(config=OmegaConf.to_container(cfg, resolve=True)))
+    callbacks.append(RandomState())  # global RNG states in checkpoints: a resumed run draws the same noise
     callbacks.extend(extra_callbacks or [])
     loggers = build_loggers(cfg)
+    # every checkpoint write is atomic (temp file + fsync + rename) and refuses NaN weights
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir)
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir), **plugins
     )
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):
@@ -84,7 +97,10 @@ def _float(x) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = train(cfg)
+    # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a failed sweep job must not end the other jobs
+    with exit_on_user_error((InstantiationException, OmegaConfBaseException), reraise=sweep):
+        summary = train(cfg)
     return summary.get("final_train_loss")
 
 

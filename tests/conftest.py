@@ -29,6 +29,7 @@ TINY = [
     "callbacks.image_logger.every_n_steps=2",
     "callbacks.checkpoint.every_n_train_steps=2",
     "callbacks.class_accuracy.num_per_class=2",
+    "callbacks.class_accuracy.sampler.steps=2",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Sample a fixed-noise grid (one row per class, guided) every N steps from the EMA weights."""
+"""Sample a fixed-noise grid (one row per class or per prompt, guided) every N steps from the EMA weights."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from diffusion_lab.images import save_grid
 
 
 class ImageLogger(Callback):
-    """Writes `<run>/samples/step_XXXXXX.png` (and to the logger). Class models: row k = class k."""
+    """Writes `<run>/samples/step_XXXXXX.png` (and to the logger). Class models: row k = class k.
+
+    Text models: row k = `prompts[k]` (default: the first 8 validation captions), listed in `step_XXXXXX.txt`.
+    """
 
     def __init__(
         self,
@@ -27,6 +30,7 @@ class ImageLogger(Callback):
         guidance_scale: float = 3.0,
         seed: int = 0,
         on_train_end: bool = True,
+        prompts: list[str] | None = None,
     ) -> None:
         super().__init__()
         if every_n_steps < 1:
@@ -37,6 +41,7 @@ class ImageLogger(Callback):
         self.guidance_scale = guidance_scale
         self.seed = seed
         self.log_on_train_end = on_train_end
+        self.prompts = list(prompts) if prompts else None
         self.paths: list[str] = []
         self._last_step = -1
 
@@ -53,15 +58,21 @@ class ImageLogger(Callback):
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         self._last_step = trainer.global_step
         model = averaged_module(trainer, pl_module)
+        prompts = self.prompts
+        if prompts is None and getattr(model, "is_text_conditional", False):
+            prompts = default_prompts(trainer.datamodule)
         images, nrow = sample_grid(
             model,
             sampler=self.sampler,
             num_samples=self.num_samples,
             guidance_scale=self.guidance_scale,
             seed=self.seed,
+            prompts=prompts,
         )
         path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}.png"
         save_grid(images, path, nrow=nrow)
+        if prompts and getattr(model, "is_text_conditional", False):
+            path.with_suffix(".txt").write_text("".join(f"row {i}: {p}\n" for i, p in enumerate(prompts)))
         self.paths.append(str(path))
         log_image_to_loggers(trainer, "samples", path)
         return path
@@ -79,12 +90,17 @@ def sample_grid(
     guidance_scale: float,
     seed: int,
     class_labels: list[int] | None = None,
+    prompts: list[str] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Fixed-seed samples for a grid: class models give one row per class, others a square grid."""
+    """Fixed-seed samples for a grid: one row per prompt (text models) or per class, else a square grid."""
     device = model.device
     g = torch.Generator(device=device).manual_seed(seed)
     cond = {}
-    if getattr(model, "num_classes", None) is not None:
+    if prompts and getattr(model, "is_text_conditional", False):
+        per_row = max(1, num_samples // len(prompts))
+        cond = model.encode_prompts([p for p in prompts for _ in range(per_row)])
+        n, nrow = len(prompts) * per_row, per_row
+    elif getattr(model, "num_classes", None) is not None:
         k = model.num_classes
         classes = list(range(k)) if class_labels is None else list(class_labels)
         per_row = max(1, num_samples // len(classes))
@@ -97,6 +113,14 @@ def sample_grid(
         sampler=sampler, num_samples=n, cond=cond, guidance_scale=guidance_scale, generator=g
     )
     return images, nrow
+
+
+def default_prompts(datamodule, n: int = 8) -> list[str]:
+    """The first n fixed validation captions of the data module (the empty caption when there are none)."""
+    val = getattr(datamodule, "val_set", None)
+    if val is None or getattr(val, "captioner", None) is None:
+        return [""]
+    return [val.caption(i) for i in range(min(n, len(val)))]
 
 
 def log_image_to_loggers(trainer: L.Trainer, key: str, path: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_lab.data.resumable import ResumableDataLoader
 from diffusion_lab.data.transforms import ImageTransform
 
 if TYPE_CHECKING:
@@ -333,15 +334,17 @@ class BaseDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset | None, *, shuffle: bool, drop_last: bool = False) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
-        return DataLoader(
-            ds,
+        kw = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
             drop_last=drop_last and len(ds) >= self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if shuffle:  # its position is saved in checkpoints: a resumed run continues with the same batches
+            return ResumableDataLoader(ds, **kw)
+        # own generator: iterating a val/test loader draws nothing from the global RNG (exact resume)
+        return DataLoader(ds, shuffle=False, generator=torch.Generator().manual_seed(0), **kw)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=True)

@@ -13,7 +13,8 @@ Each sampler matches the diffusers scheduler named in its docstring to ~1e-5 (te
   spacing when steps does not divide T (there diffusers' last step does not land on x0_hat).
 - trailing timesteps are computed exactly; diffusers' float arange can emit steps + 1 of them, ending at -1.
 - schedule tables are float64 (diffusers: float32), so cosine / zero-terminal-SNR runs agree to ~2e-5.
-- clip_x0 is off by default (diffusers' DDPM / DDIM default clip_sample=True); x0 prediction also works with
+- clip_x0 is off by default (diffusers' DDPM / DDIM default clip_sample=True); with it, eps_hat is recomputed from
+  the clipped x0_hat (diffusers' DDIM use_clipped_model_output=True). x0 prediction also works with
   euler_ancestral; the multistep solvers raise on repeated timesteps instead of dividing by zero.
 """
 
@@ -92,7 +93,11 @@ class Denoiser:
             raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
         x0, eps = to_x0_eps(self.prediction_type, out.float(), x, alpha, sigma)
         if self.clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)  # eps_hat is left as predicted, as diffusers' clip_sample does
+            # eps_hat is recomputed from the clipped x0_hat so the pair stays consistent (guided-diffusion's
+            # ddim_sample; diffusers' DDIM with use_clipped_model_output=True). Leaving eps as predicted
+            # (diffusers' default) breaks DDIM under strong guidance: x0 and eps then disagree.
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - alpha * x0) / sigma
         return x0, eps
 
     def at_sigma(self, x: Tensor, sigma: float, t: float) -> Tensor:

@@ -102,14 +102,23 @@ class Attention(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm self-attention, then cross-attention to a text context when `context_dim` is set."""
+    """Pre-norm self-attention (unless `self_attention=False`), then cross-attention to a text context
+    when `context_dim` is set."""
 
     def __init__(
-        self, channels: int, *, num_heads: int = 4, context_dim: int | None = None, norm_groups: int = 32
+        self,
+        channels: int,
+        *,
+        num_heads: int = 4,
+        context_dim: int | None = None,
+        norm_groups: int = 32,
+        self_attention: bool = True,
     ) -> None:
         super().__init__()
-        self.norm = group_norm(channels, norm_groups)
-        self.self_attn = Attention(channels, num_heads=num_heads)
+        if not self_attention and context_dim is None:
+            raise ValueError("an AttentionBlock needs self-attention or a context_dim (cross-attention)")
+        self.norm = group_norm(channels, norm_groups) if self_attention else None
+        self.self_attn = Attention(channels, num_heads=num_heads) if self_attention else None
         self.cross_attn = None
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(channels)
@@ -119,8 +128,9 @@ class AttentionBlock(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, HW, C)
-        out = rearrange(x, "b c h w -> b (h w) c") + self.self_attn(tokens)
+        out = rearrange(x, "b c h w -> b (h w) c")  # (B, HW, C)
+        if self.self_attn is not None:
+            out = out + self.self_attn(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         if self.cross_attn is not None and context is not None:
             out = out + self.cross_attn(self.norm_cross(out), context, context_mask)
         return rearrange(out, "b (h w) c -> b c h w", h=h, w=w)

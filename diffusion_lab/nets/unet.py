@@ -36,8 +36,10 @@ class UNet(nn.Module):
     """DDPM / ADM-style UNet. Called as `net(x_t, t, class_labels=?, context=?, context_mask=?)`.
 
     `num_classes` adds a class embedding to the time embedding; id `num_classes` is the null
-    class for classifier-free guidance. `context_dim` adds cross-attention to text tokens in every
-    attention block (levels listed in `attention_levels`, 0 = full resolution, and the middle).
+    class for classifier-free guidance. `attention_levels` lists the levels with self-attention
+    (0 = full resolution; the middle always has it). `context_dim` adds cross-attention from image
+    tokens to text tokens (Rombach et al. 2022) at `cross_attention_levels` (default: the
+    `attention_levels`) and in the middle; `context_mask` (B, L) marks the real tokens.
     """
 
     def __init__(
@@ -53,15 +55,21 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int | None = None,
         context_dim: int | None = None,
+        cross_attention_levels: Sequence[int] | None = None,
         scale_shift: bool = True,
         norm_groups: int = 32,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
         attention_levels = tuple(attention_levels)
-        bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
-        if bad:
-            raise ValueError(f"attention_levels {bad} out of range for {len(channel_mult)} levels")
+        cross_levels = attention_levels if cross_attention_levels is None else tuple(cross_attention_levels)
+        for name, levels in (
+            ("attention_levels", attention_levels),
+            ("cross_attention_levels", cross_levels),
+        ):
+            bad = [lvl for lvl in levels if not 0 <= lvl < len(channel_mult)]
+            if bad:
+                raise ValueError(f"{name} {bad} out of range for {len(channel_mult)} levels")
         self.init_kwargs = dict(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -73,6 +81,7 @@ class UNet(nn.Module):
             dropout=dropout,
             num_classes=num_classes,
             context_dim=context_dim,
+            cross_attention_levels=None if cross_attention_levels is None else list(cross_levels),
             scale_shift=scale_shift,
             norm_groups=norm_groups,
         )
@@ -88,8 +97,19 @@ class UNet(nn.Module):
                 cin, cout, emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, norm_groups=norm_groups
             )
 
-        def attn(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_heads=num_heads, context_dim=context_dim, norm_groups=norm_groups)
+        def attn(ch: int, level: int | None = None) -> AttentionBlock | None:
+            """Attention at a level (None = the middle): self and/or cross as configured, or None."""
+            self_attn = level is None or level in attention_levels
+            cross = context_dim is not None and (level is None or level in cross_levels)
+            if not (self_attn or cross):
+                return None
+            return AttentionBlock(
+                ch,
+                num_heads=num_heads,
+                context_dim=context_dim if cross else None,
+                norm_groups=norm_groups,
+                self_attention=self_attn,
+            )
 
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -103,7 +123,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 cout = base_channels * mult
-                self.down.append(UNetBlock(res(ch, cout), attn(cout) if level in attention_levels else None))
+                self.down.append(UNetBlock(res(ch, cout), attn(cout, level)))
                 ch = cout
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -117,7 +137,7 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 cout = base_channels * mult
                 cin = ch + skip_channels.pop()
-                self.up.append(UNetBlock(res(cin, cout), attn(cout) if level in attention_levels else None))
+                self.up.append(UNetBlock(res(cin, cout), attn(cout, level)))
                 ch = cout
             if level != 0:
                 self.up.append(Upsample(ch))

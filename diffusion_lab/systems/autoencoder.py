@@ -63,6 +63,7 @@ class AutoencoderSystem(L.LightningModule):
         reconstruction_loss: str = "l1",
         perceptual_weight: float = 1.0,
         vgg_weights: str | None = None,
+        perceptual_samples: int | None = None,
         kl_weight: float = 1e-6,
         disc_weight: float = 0.5,
         disc_start: int = 50001,
@@ -84,6 +85,8 @@ class AutoencoderSystem(L.LightningModule):
         ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if perceptual_samples is not None and perceptual_samples < 1:
+            raise ValueError(f"perceptual_samples must be >= 1 or null, got {perceptual_samples}")
         if scale_factor_batches < 1:
             raise ValueError(f"scale_factor_batches must be >= 1, got {scale_factor_batches}")
         self.save_hyperparameters(ignore=["net", "optimizer", "discriminator", "disc_optimizer"])
@@ -94,6 +97,7 @@ class AutoencoderSystem(L.LightningModule):
         self.disc_optimizer_factory = disc_optimizer
         self.reconstruction_loss = reconstruction_loss
         self.perceptual_weight = perceptual_weight
+        self.perceptual_samples = perceptual_samples
         self.kl_weight = kl_weight
         self.disc_weight = disc_weight
         self.disc_start = disc_start
@@ -127,14 +131,19 @@ class AutoencoderSystem(L.LightningModule):
         return self.perceptual(x, y)
 
     def reconstruction_terms(
-        self, x: torch.Tensor, xrec: torch.Tensor
+        self, x: torch.Tensor, xrec: torch.Tensor, *, perceptual_samples: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(pixel loss, mean LPIPS or None, nll = pixel + perceptual_weight * LPIPS), all scalars."""
+        """(pixel loss, mean LPIPS or None, nll = pixel + perceptual_weight * LPIPS), all scalars.
+
+        With `perceptual_samples` = n, LPIPS is averaged over the first n images only (the VGG pass is
+        the dominant cost on a CPU; on shuffled batches this is an unbiased estimate).
+        """
         diff = xrec - x  # (B, C, H, W)
         rec = diff.abs().mean() if self.reconstruction_loss == "l1" else diff.pow(2).mean()
         if self.perceptual is None:
             return rec, None, rec
-        p = self.lpips(xrec, x).mean()
+        n = perceptual_samples or x.shape[0]
+        p = self.lpips(xrec[:n], x[:n]).mean()
         return rec, p, rec + self.perceptual_weight * p
 
     def kl_term(self, posterior, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +181,7 @@ class AutoencoderSystem(L.LightningModule):
             self.toggle_optimizer(opt_ae)  # discriminator params frozen for this backward
         posterior = self.net.encode(x)  # over (B, C_z, h, w)
         xrec = self.net.decode(posterior.sample())  # (B, C, H, W)
-        rec, p, nll = self.reconstruction_terms(x, xrec)
+        rec, p, nll = self.reconstruction_terms(x, xrec, perceptual_samples=self.perceptual_samples)
         kl = self.kl_term(posterior, x)
         loss = nll + self.kl_weight * kl
         if self.disc_active:
@@ -299,12 +308,12 @@ class AutoencoderSystem(L.LightningModule):
 
 
 def save_reconstruction_grid(inputs: torch.Tensor, recons: torch.Tensor, path: str | Path) -> Path:
-    """PNG of (input | reconstruction) pairs side by side, about square; images in [-1, 1]."""
+    """PNG of (input | reconstruction) pairs side by side, about square, >= 512 px; images in [-1, 1]."""
     from einops import rearrange
 
-    from diffusion_lab.images import save_grid
+    from diffusion_lab.images import make_grid, save_png
 
     n = inputs.shape[0]
     pairs = rearrange(torch.stack([inputs, recons.clamp(-1, 1)], dim=1), "n two c h w -> (n two) c h w")
     per_row = max(1, math.ceil(math.sqrt(n)))
-    return save_grid(pairs, path, nrow=2 * per_row)
+    return save_png(make_grid(pairs, nrow=2 * per_row), path, min_size=512)

@@ -98,8 +98,12 @@ class DiffusionSystem(L.LightningModule):
         return x0.clamp(-1, 1)
 
     # ----------------------------------------------------------------- training
+    def batch_x0(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The clean sample x0 of a batch in diffusion space (the latent system samples its posterior)."""
+        return self.encode(batch["image"])
+
     def diffusion_step(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        x0 = self.encode(batch["image"])  # (B, C, H, W)
+        x0 = self.batch_x0(batch, generator=generator)  # (B, C, H, W)
         b = x0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -114,7 +118,7 @@ class DiffusionSystem(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch)
         self.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["image"])
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=_batch_size(batch)
         )
         return loss
 
@@ -123,7 +127,7 @@ class DiffusionSystem(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(batch_idx)
         loss = self.diffusion_step(batch, generator=g)
         self.log(
-            "val/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]), sync_dist=True
+            "val/loss", loss, prog_bar=True, on_epoch=True, batch_size=_batch_size(batch), sync_dist=True
         )
         return loss
 
@@ -178,3 +182,8 @@ class DiffusionSystem(L.LightningModule):
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of x_T."""
         return (self.net.in_channels, self.image_size, self.image_size)
+
+
+def _batch_size(batch: dict) -> int:
+    """Number of items in a dict batch (images, or cached latents)."""
+    return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))

@@ -1,0 +1,165 @@
+"""Crash-safe checkpoint files: atomic writes (same-folder temp file, fsync, rename), no NaN weights, clear errors.
+
+Lightning's `_atomic_save` writes through an fsspec transaction whose local temp file is made by
+`tempfile.mkstemp()` in the system temp folder: when that is another filesystem (a tmpfs `/tmp`, a
+different disk) the final `shutil.move` degrades to copy + delete, so a kill during the copy leaves a
+truncated checkpoint; nothing is fsynced either. `AtomicCheckpointIO` replaces it for local paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".partial"
+_PROCESS_START = time.time()
+WEIGHT_KEYS = ("state_dict", "current_model_state")  # EMAWeightAveraging keeps the raw weights in the second
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used or written: missing, truncated, not ours, not matching the model."""
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, *, save: Callable[[Any, Any], None] = torch.save) -> None:
+    """Write `obj` to `path` so that `path` holds either the old or the complete new file, never a partial one.
+
+    The bytes go to a hidden temp file in the same folder (`.NAME.XXXX.partial`, so the rename cannot cross a
+    filesystem), are fsynced, and replace `path` with `os.replace`; the folder is fsynced after the rename.
+    On any error the temp file is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(
+    directory: str | os.PathLike, *, older_than: float = _PROCESS_START
+) -> list[Path]:
+    """Delete temp files that a killed writer left in `directory` (those modified before `older_than`)."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for p in directory.glob(f".*{TEMP_SUFFIX}"):
+        try:
+            if p.is_file() and p.stat().st_mtime < older_than:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    if removed:
+        log.info(
+            "removed %d temp file(s) left by an interrupted checkpoint write in %s", len(removed), directory
+        )
+    return removed
+
+
+def nonfinite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point weights holding NaN or inf (in `state_dict` and `current_model_state`)."""
+    bad = []
+    for key in WEIGHT_KEYS:
+        for name, t in (checkpoint.get(key) or {}).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{key}.{name}")
+    return bad
+
+
+def read_checkpoint_lazily(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint dict with memory-mapped tensors (cheap for metadata, config and shapes); CheckpointError if
+    missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # truncated, not a zip-format torch file, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a training checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO for every save of a run (ModelCheckpoint and `trainer.save_checkpoint`).
+
+    Local paths: `atomic_save`, refusing (CheckpointError) a checkpoint whose weights are not finite, and
+    clearing temp files an earlier killed process left behind. Remote paths (s3://, gs://...): Lightning's
+    own fsspec transaction (object stores publish an upload only once it is complete). Reading a truncated or
+    foreign file fails with a one-line CheckpointError.
+    """
+
+    def __init__(self, *, check_finite: bool = True) -> None:
+        super().__init__()
+        self.check_finite = check_finite
+        self._cleaned: set[Path] = set()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if not _is_local_file_protocol(str(path)):
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options for local files")
+        path = Path(path)
+        if self.check_finite and (bad := nonfinite_tensors(checkpoint)):
+            raise CheckpointError(
+                f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN/inf, e.g. {', '.join(bad[:3])};"
+                " the earlier checkpoints are kept"
+            )
+        if path.parent not in self._cleaned:
+            remove_stale_temp_files(path.parent)
+            self._cleaned.add(path.parent)
+        try:
+            atomic_save(checkpoint, path)
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None):
+        if not _is_local_file_protocol(str(path)):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if not Path(path).is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        try:
+            return super().load_checkpoint(
+                path, map_location=map_location or (lambda storage, loc: storage), weights_only=weights_only
+            )
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e

@@ -1,0 +1,410 @@
+"""Evaluation entry point: `python -m diffusion_lab.evaluate ckpt=PATH samplers=[..] steps=[..]` -> metrics vs NFE.
+
+For every (sampler, steps, guidance scale) cell it draws `num_samples` fixed-seed samples (cached as one .npz per
+cell under `<out>/samples/`, so a rerun skips what exists), and scores them against the real `split` of the
+checkpoint's own data config with each feature extractor: FID, KID, precision / recall, Inception Score (where
+the extractor has logits) and conditional accuracy (class models, judged by the trained classifier). Writes
+`metrics.csv`, `metrics.md` and `metrics_vs_nfe.png` into `out` (default: `<run>/eval/`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from diffusion_lab.data.base import md5sum
+from diffusion_lab.data.transforms import to_uint8
+from diffusion_lab.diffusion import get_sampler
+from diffusion_lab.metrics.features import (
+    FEATURE_EXTRACTORS,
+    ClassifierFeatures,
+    FeatureExtractor,
+    extract_all,
+    get_feature_extractor,
+    uint8_to_images,
+)
+from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid_from_features, save_npz
+from diffusion_lab.metrics.generate import balanced_labels, generate
+from diffusion_lab.metrics.kid import kernel_inception_distance
+from diffusion_lab.metrics.prdc import precision_recall
+from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
+from diffusion_lab.sample import load_system, resolve_device
+
+log = logging.getLogger(__name__)
+METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
+SPLITS = ("train", "val", "test")
+KEY_COLUMNS = ("sampler", "steps", "nfe", "guidance_scale", "num_samples", "seed")
+INFO_COLUMNS = ("sample_seconds",)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+LIST_KEYS = ("samplers", "steps", "guidance_scales", "features", "metrics")
+
+
+def _check(cfg: DictConfig) -> None:
+    for key in LIST_KEYS:  # `features=classifier` means [classifier]
+        if isinstance(cfg[key], (str, int, float)):
+            cfg[key] = [cfg[key]]
+
+    def names(key: str) -> list:
+        value = cfg[key]
+        if value is None or len(value) == 0:
+            raise ValueError(f"{key} must be a non-empty list, e.g. {key}=[a,b], got {value!r}")
+        return list(value)
+
+    for s in names("samplers"):
+        get_sampler(s, steps=1)  # unknown names fail listing the choices
+    if any(not isinstance(k, int) or k < 1 for k in names("steps")):
+        raise ValueError(f"steps must be integers >= 1, got {list(cfg.steps)}")
+    if any(g < 0 for g in names("guidance_scales")):
+        raise ValueError(f"guidance_scales must be >= 0, got {list(cfg.guidance_scales)}")
+    for f in names("features"):
+        FEATURE_EXTRACTORS.get(f)
+    unknown = sorted(set(names("metrics")) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid choices: {', '.join(METRICS)}")
+    if cfg.num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+    if cfg.split not in SPLITS:
+        raise ValueError(f"unknown split {cfg.split!r}; valid choices: {', '.join(SPLITS)}")
+    if "classifier" in cfg.features and not cfg.classifier_ckpt:
+        raise ValueError(
+            "features=[classifier] needs classifier_ckpt=PATH: a checkpoint of `python -m diffusion_lab.train "
+            "experiment=digits_classifier` (or fashion_mnist_classifier) on the model's data"
+        )
+
+
+def build_extractors(cfg: DictConfig, *, channels: int) -> dict[str, FeatureExtractor]:
+    opts = {
+        "classifier": {"ckpt": cfg.classifier_ckpt},
+        "inception": {"weights": cfg.inception_weights},
+        "random": {"in_channels": channels},
+    }
+    return {name: get_feature_extractor(name, **opts.get(name, {})) for name in cfg.features}
+
+
+def real_split(data_config: dict, split: str):
+    """The checkpoint's data module (built from its stored config) and its `split` dataset."""
+    dm = instantiate(OmegaConf.create(data_config))
+    dm.setup("test")
+    ds = getattr(dm, f"{split}_set", None)
+    if ds is None:
+        raise ValueError(f"the data module {type(dm).__name__} has no {split} split")
+    return dm, ds
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def cell_name(sampler: str, steps: int, guidance: float, seed: int, n: int) -> str:
+    return f"{sampler}_steps{steps}_g{guidance:g}_seed{seed}_n{n}"
+
+
+def load_or_generate(
+    model,
+    path: Path,
+    *,
+    sampler,
+    guidance_scale: float,
+    seed: int,
+    num_samples: int,
+    batch_size: int,
+    ckpt_id: str,
+    labels: torch.Tensor | None,
+    prompts: list[str] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The cell's samples from `path` when it holds this checkpoint's, else sampled now and saved there."""
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                data = {k: z[k] for k in z.files}
+            if str(data.get("ckpt_md5")) == ckpt_id and len(data["images"]) == num_samples:
+                return {**data, "cached": True}
+            log.warning("%s was sampled from another checkpoint; sampling again", path)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("unreadable sample cache %s (%s); sampling again", path, e)
+    start = time.time()
+    images = None  # (N, H, W, C) uint8, shaped by the first decoded chunk (latent models decode to pixels)
+    for lo, hi, x in generate(
+        model,
+        sampler=sampler,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        labels=labels,
+        prompts=prompts,
+        progress=progress,
+    ):
+        chunk = to_uint8(x)
+        if images is None:
+            images = np.zeros((num_samples, *chunk.shape[1:]), dtype=np.uint8)
+        images[lo:hi] = chunk
+    data: dict[str, Any] = {
+        "images": images,
+        "nfe": np.array(sampler.nfe),
+        "seconds": np.array(time.time() - start),
+        "ckpt_md5": np.array(ckpt_id),
+    }
+    if labels is not None:
+        data["labels"] = labels.numpy()
+    if prompts is not None:
+        data["prompts"] = np.array(prompts)
+    save_npz(path, **data)
+    return {**data, "cached": False}
+
+
+def fake_features(
+    extractor: FeatureExtractor, images: np.ndarray, path: Path, *, batch_size: int, device
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (and logits) of a cell's samples, cached next to them per extractor fingerprint."""
+    if path.is_file():
+        with np.load(path) as z:
+            if len(z["features"]) == len(images):
+                return z["features"], (z["logits"] if "logits" in z.files else None)
+    feats, logits = extract_all(extractor, images, batch_size=batch_size, device=device)
+    save_npz(path, features=feats, **({"logits": logits} if logits is not None else {}))
+    return feats, logits
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def score_features(
+    name: str, real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, cfg: DictConfig
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "fid" in cfg.metrics:
+        out[f"fid_{name}"] = fid_from_features(real, fake)
+    if "kid" in cfg.metrics:
+        mean, std = kernel_inception_distance(
+            real, fake, subsets=cfg.kid_subsets, subset_size=cfg.kid_subset_size, seed=cfg.seed
+        )
+        out[f"kid_{name}"], out[f"kid_{name}_std"] = mean, std
+    if "precision_recall" in cfg.metrics:
+        pr = precision_recall(real, fake, k=cfg.pr_k)
+        out[f"precision_{name}"], out[f"recall_{name}"] = pr["precision"], pr["recall"]
+    if "inception_score" in cfg.metrics and logits is not None:
+        out[f"is_{name}"] = inception_score(logits)[0]
+    return out
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Score every (sampler, steps, guidance) cell; write metrics.csv / .md / _vs_nfe.png; return the rows."""
+    _check(cfg)
+    device = resolve_device(cfg.device)
+    model, config = load_system(cfg.ckpt, device=device)
+    if not hasattr(model, "sample") or not hasattr(model, "sample_shape"):
+        raise ValueError(
+            f"{cfg.ckpt} is not a diffusion model checkpoint ({type(model).__name__} cannot sample)"
+        )
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
+    try:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
+    dm, ds = real_split(config["data"], cfg.split)
+    extractors = build_extractors(cfg, channels=dm.channels)
+    judge = extractors.get("classifier") or (
+        ClassifierFeatures(ckpt=cfg.classifier_ckpt) if cfg.classifier_ckpt else None
+    )
+    num_classes = getattr(model, "num_classes", None)
+    if judge is not None and num_classes is not None and judge.num_classes != num_classes:
+        raise ValueError(
+            f"the classifier {cfg.classifier_ckpt} has {judge.num_classes} classes, the model {num_classes}: "
+            "use a classifier trained on the model's data"
+        )
+    cache = RealFeatureCache(cfg.cache_dir)
+    real = {
+        name: cache.get(
+            ext,
+            ds,
+            description=describe_datamodule(dm),
+            split=cfg.split,
+            num_real=cfg.num_real,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=cfg.progress,
+        )[0]
+        for name, ext in extractors.items()
+    }
+    text = bool(getattr(model, "is_text_conditional", False))
+    labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
+    prompts = _prompts(ds, cfg.num_samples) if text else None
+    scorer = (
+        instantiate(cfg.prompt_scorer)
+        if text and cfg.prompt_scorer and "prompt_adherence" in cfg.metrics
+        else None
+    )
+    guidance = [float(g) for g in cfg.guidance_scales] if (labels is not None or text) else [1.0]
+    ckpt_id = md5sum(cfg.ckpt)
+
+    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in guidance]
+    rows: list[dict[str, Any]] = []
+    for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
+        sampler = get_sampler(name, steps=steps)
+        stem = cell_name(name, steps, g, cfg.seed, cfg.num_samples)
+        data = load_or_generate(
+            model,
+            out / "samples" / f"{stem}.npz",
+            sampler=sampler,
+            guidance_scale=g,
+            seed=cfg.seed,
+            num_samples=cfg.num_samples,
+            batch_size=cfg.batch_size,
+            ckpt_id=ckpt_id,
+            labels=labels,
+            prompts=prompts,
+            progress=cfg.progress,
+        )
+        row: dict[str, Any] = {
+            "sampler": name,
+            "steps": steps,
+            "nfe": int(data["nfe"]),
+            "guidance_scale": g,
+            "num_samples": cfg.num_samples,
+            "seed": cfg.seed,
+            "sample_seconds": round(float(data["seconds"]), 2),
+        }
+        logits_by = {}
+        for fname, ext in extractors.items():
+            feats, logits = fake_features(
+                ext,
+                data["images"],
+                out / "features" / f"{stem}.{fname}-{ext.fingerprint[:12]}.npz",
+                batch_size=cfg.batch_size,
+                device=device,
+            )
+            logits_by[fname] = logits
+            row.update(score_features(fname, real[fname], feats, logits, cfg))
+        if "class_accuracy" in cfg.metrics and judge is not None and "labels" in data:
+            judge_logits = logits_by.get("classifier")
+            if judge_logits is None:
+                judge_logits = extract_all(judge, data["images"], batch_size=cfg.batch_size, device=device)[1]
+            row["class_accuracy"] = conditional_accuracy(judge_logits, data["labels"])
+        if scorer is not None:
+            images = uint8_to_images(data["images"]).to(device)
+            row["prompt_adherence"] = float(scorer(images, [str(p) for p in data["prompts"]]).float().mean())
+        rows.append(row)
+        # after every cell, so an interrupted run keeps the rows it has
+        write_tables(rows, out, title=_title(cfg, ds, dm))
+    plot_metrics(rows, out / "metrics_vs_nfe.png")
+    info = {
+        "ckpt": str(cfg.ckpt),
+        "real_split": cfg.split,
+        "real_images": len(next(iter(real.values()))),
+        "data": describe_datamodule(dm),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "eval.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "metrics.md", out / "metrics_vs_nfe.png")
+    return rows
+
+
+def _prompts(ds, n: int) -> list[str]:
+    """Evaluation captions of the real split, cycled to n (the hook for text-conditional models)."""
+    if not hasattr(ds, "caption"):
+        raise ValueError("a text-conditional model needs a data set with captions (captions=true)")
+    return [ds.caption(i % len(ds)) for i in range(n)]
+
+
+def _title(cfg: DictConfig, ds, dm) -> str:
+    n_real = len(ds) if cfg.num_real is None else min(cfg.num_real, len(ds))
+    return f"Evaluation of `{cfg.ckpt}` against {n_real} real {cfg.split} images of {type(dm).__name__}"
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        seen += [k for k in row if k not in KEY_COLUMNS and k not in INFO_COLUMNS and k not in seen]
+    return seen
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluation") -> None:
+    """metrics.csv (all values) and metrics.md (the table, plus FID by sampler x steps per extractor)."""
+    columns = [*KEY_COLUMNS, *metric_columns(rows), *INFO_COLUMNS]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    for col in [c for c in metric_columns(rows) if c.startswith("fid_")]:
+        steps = sorted({r["steps"] for r in rows})
+        for g in sorted({r["guidance_scale"] for r in rows}):
+            lines += ["", f"## {col} (guidance {g:g}): sampler x steps", ""]
+            lines += [
+                "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |",
+                "|" + "---|" * (len(steps) + 1),
+            ]
+            for s in dict.fromkeys(r["sampler"] for r in rows):
+                vals = {
+                    r["steps"]: r.get(col) for r in rows if r["sampler"] == s and r["guidance_scale"] == g
+                }
+                lines.append(f"| {s} | " + " | ".join(_fmt(vals.get(k, "")) for k in steps) + " |")
+    (out / "metrics.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
+    """One panel per metric against NFE (log axis), one line per sampler (and guidance scale)."""
+    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global backend state
+
+    metrics = [m for m in metric_columns(rows) if not m.endswith("_std")]
+    ncols = min(3, max(1, len(metrics)))
+    nrows = max(1, math.ceil(len(metrics) / ncols))
+    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    guidance = sorted({r["guidance_scale"] for r in rows})
+    nfes = sorted({r["nfe"] for r in rows})
+    for ax, metric in zip(axes, metrics):
+        for s in dict.fromkeys(r["sampler"] for r in rows):
+            for g in guidance:
+                pts = sorted(
+                    (r["nfe"], r[metric])
+                    for r in rows
+                    if r["sampler"] == s and r["guidance_scale"] == g and metric in r
+                )
+                if pts:
+                    label = s if len(guidance) == 1 else f"{s} (w={g:g})"
+                    ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes])  # the measured NFEs, plainly labelled
+        ax.minorticks_off()
+        ax.set_xlabel("NFE")
+        ax.set_title(metric)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    if metrics:
+        axes[0].legend(fontsize="small")
+    fig.subplots_adjust(
+        left=0.08, right=0.98, bottom=0.16 / nrows, top=1 - 0.09 / nrows, hspace=0.5, wspace=0.3
+    )
+    fig.savefig(path, dpi=100)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    torch.set_float32_matmul_precision("high")
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Frechet distance (FID, Heusel et al. 2017) on any features, torchmetrics' FID with cached real statistics, and
+the per-(data set, split, resolution, extractor) cache of real features.
+
+The cache holds the real features themselves (float32 (N, D), plus logits where the extractor has them), so
+FID, KID and precision/recall all come from one pass over the real data. A file is named
+`<DataModule>_<split>_<res>px_<extractor>_<key>.npz` where `key` hashes the data description (class and
+settings of the data module), the split's size and a sample of its images, the extractor's fingerprint and
+`num_real`: changing any of them makes a new file, nothing is ever silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
+
+from diffusion_lab.metrics.features import FeatureExtractor, extract_all
+from diffusion_lab.metrics.perceptual import cache_dir as default_cache_root
+
+log = logging.getLogger(__name__)
+LOADER_KEYS = (
+    "batch_size",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+)  # not part of the data identity
+
+
+# ---------------------------------------------------------------------------------------- Frechet distance
+@dataclass(frozen=True)
+class GaussianStats:
+    """Mean (D,) and unbiased covariance (D, D) of a feature set, float64."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+    @classmethod
+    def from_features(cls, features: np.ndarray) -> GaussianStats:
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or len(f) < 2:
+            raise ValueError(f"need features of shape (N >= 2, D), got {f.shape}")
+        return cls(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), n=len(f))
+
+
+def _psd_sqrt(a: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues clipped to 0)."""
+    w, v = torch.linalg.eigh((a + a.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
+    """d^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), with tr (S_a S_b)^1/2 = tr (S_a^1/2 S_b S_a^1/2)^1/2
+    computed from symmetric eigendecompositions in float64 (stable for the singular covariances of small sets)."""
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
+    s_a, s_b = torch.as_tensor(a.sigma, dtype=torch.float64), torch.as_tensor(b.sigma, dtype=torch.float64)
+    root_a = _psd_sqrt(s_a)
+    m = root_a @ s_b @ root_a
+    tr_cross = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    diff = torch.as_tensor(a.mu - b.mu, dtype=torch.float64)
+    return float(diff @ diff + s_a.trace() + s_b.trace() - 2 * tr_cross)
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID between two feature sets (N, D) and (M, D)."""
+    return frechet_distance(GaussianStats.from_features(real), GaussianStats.from_features(fake))
+
+
+# --------------------------------------------------------------------------------------- torchmetrics' FID
+def fid_metric(extractor: FeatureExtractor) -> FrechetInceptionDistance:
+    """torchmetrics' FID around `extractor` (float images in [-1, 1]), keeping real statistics across resets."""
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    metric.orig_dtype = torch.float32  # set by update(); a DDP rank with no samples still computes
+    return metric
+
+
+def set_real_features(metric: FrechetInceptionDistance, features: np.ndarray | None) -> None:
+    """Load real statistics from features (N, D); None zeroes them (DDP ranks other than 0: sums add up)."""
+    d = metric.real_features_sum.shape[0]
+    device = metric.real_features_sum.device
+    if features is None:
+        f = torch.zeros((0, d), dtype=torch.float64, device=device)
+    else:
+        f = torch.as_tensor(np.asarray(features), dtype=torch.float64, device=device)
+        if f.ndim != 2 or f.shape[1] != d:
+            raise ValueError(
+                f"real features of shape {tuple(f.shape)} do not match the metric's {d} features"
+            )
+    metric.real_features_sum = f.sum(dim=0)
+    metric.real_features_cov_sum = f.T @ f
+    metric.real_features_num_samples = torch.tensor(len(f), dtype=torch.long, device=device)
+
+
+# ---------------------------------------------------------------------------------- real feature cache
+def describe_datamodule(datamodule: Any) -> dict[str, Any]:
+    """Class and plain settings of a data module (what defines its data; loader settings left out)."""
+    out: dict[str, Any] = {"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"}
+    for k, v in sorted(vars(datamodule).items()):
+        if k.startswith("_") or k in LOADER_KEYS:
+            continue
+        if isinstance(v, (str, int, float, bool, type(None), Path)) or (
+            isinstance(v, (tuple, list)) and all(isinstance(x, (str, int, float, bool)) for x in v)
+        ):
+            out[k] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def _image(item: Any) -> torch.Tensor:
+    return item["image"] if isinstance(item, dict) else item[0] if isinstance(item, (tuple, list)) else item
+
+
+def data_fingerprint(dataset: Dataset, description: dict[str, Any], *, probe: int = 16) -> str:
+    """SHA-1 of a data description, the split's size and `probe` evenly spaced images of it."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(json.dumps(description, sort_keys=True, default=str).encode())
+    n = len(dataset)
+    h.update(str(n).encode())
+    probes = np.unique(np.linspace(0, n - 1, num=min(probe, n)).round().astype(int)) if n else []
+    for i in probes:
+        h.update(np.ascontiguousarray(_image(dataset[int(i)]).numpy(), dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+class RealFeatureCache:
+    """Real features on disk under `root` (default: `$DIFFUSION_LAB_CACHE/fid` or `~/.cache/diffusion_lab/fid`).
+
+    `computed` counts how many times features were actually extracted (tests check reuse with it).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_cache_root() / "fid"
+        self.computed = 0
+
+    def path(self, *, name: str, split: str, resolution: int, extractor: FeatureExtractor, key: str) -> Path:
+        return self.root / f"{name}_{split}_{resolution}px_{extractor.name}_{key[:16]}.npz"
+
+    def get(
+        self,
+        extractor: FeatureExtractor,
+        dataset: Dataset,
+        *,
+        description: dict[str, Any],
+        split: str,
+        num_real: int | None = None,
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+        write: bool = True,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features, logits | None) of the first `num_real` items of `dataset` (all when None), from the cache
+        file when it exists, else extracted (and written when `write`: only DDP rank 0 should)."""
+        n = len(dataset) if num_real is None else min(int(num_real), len(dataset))
+        if n < 2:
+            raise ValueError(f"the {split} split has {len(dataset)} images; FID needs at least 2")
+        key = hashlib.sha1(
+            json.dumps(
+                {"data": data_fingerprint(dataset, description), "extractor": extractor.fingerprint, "n": n},
+                sort_keys=True,
+            ).encode(),
+            usedforsecurity=False,
+        ).hexdigest()
+        first = _image(dataset[0])
+        name = description.get("class", "data").rsplit(".", 1)[-1]
+        path = self.path(
+            name=name, split=split, resolution=int(first.shape[-1]), extractor=extractor, key=key
+        )
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    return z["features"], (z["logits"] if "logits" in z.files else None)
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("ignoring unreadable real-feature cache %s (%s); recomputing", path, e)
+        self.computed += 1
+        loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
+        feats, logits = [], []
+        for batch in tqdm(
+            loader, desc=f"real {split} features ({extractor.name})", disable=not progress, leave=False
+        ):
+            f, lg = extract_all(extractor, _image(batch), batch_size=batch_size, device=device)
+            feats.append(f)
+            if lg is not None:
+                logits.append(lg)
+        features = np.concatenate(feats)
+        real_logits = np.concatenate(logits) if logits else None
+        if write:
+            save_npz(
+                path,
+                features=features,
+                meta=np.array(json.dumps({**description, "split": split, "n": n})),
+                **({"logits": real_logits} if real_logits is not None else {}),
+            )
+            log.info("cached real %s features of %d images at %s", extractor.name, n, path)
+        return features, real_logits
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez to `path` atomically (a temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,261 @@
+"""Checks that turn bad input into one-line causes: config values vs constructor types, resume compatibility."""
+
+from __future__ import annotations
+
+import collections.abc
+import importlib
+import inspect
+import logging
+import os
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion_lab.callbacks.checkpoint import CheckpointError, read_checkpoint_lazily
+
+log = logging.getLogger(__name__)
+
+HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+TRACEBACK_ENV = "DIFFUSION_LAB_TRACEBACK"
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type, or a key its constructor does not take."""
+
+
+# ------------------------------------------------------------------------------------ config types
+def locate(path: str) -> Any:
+    """The object a dotted `_target_` names (module attribute, possibly nested); ConfigError if none."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            break
+        return obj
+    raise ConfigError(f"cannot import _target_ {path!r}")
+
+
+def _type_hints(target: Any) -> tuple[dict[str, Any], set[str] | None]:
+    """(annotation per argument, accepted names or None when it takes **kwargs) of a class or function."""
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return {}, None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: check names only
+        hints = {}
+    names = None
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        names = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return hints, names
+
+
+def matches(value: Any, hint: Any) -> bool | None:
+    """Whether a plain config value fits an annotation: True, False, or None (cannot tell: not checked)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        results = [matches(value, a) for a in args]
+        return True if True in results else (None if None in results else False)
+    if origin is typing.Literal:
+        return value in args and type(value) in {type(a) for a in args}
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(value, Mapping) and "_target_" in value:
+        return None  # an object built by instantiate
+    seq = (list, tuple, collections.abc.Sequence)
+    if hint in seq or origin in seq:
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args and (origin is not tuple or len(args) == 2 and args[1] is Ellipsis) else None
+        found = [matches(v, item) for v in value] if item is not None else []
+        return False if False in found else True
+    if hint in (dict, Mapping) or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, Mapping)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    text = str(hint).replace("typing.", "").replace("NoneType", "None")
+    return getattr(hint, "__name__", text) if not typing.get_args(hint) else text
+
+
+def config_errors(node: Any, key: str = "") -> list[str]:
+    """Every wrong-typed value or unknown key of the `_target_` nodes in a resolved config (plain dicts)."""
+    errors: list[str] = []
+    if isinstance(node, Mapping):
+        if isinstance(node.get("_target_"), str):
+            try:
+                target = locate(node["_target_"])
+            except ConfigError as e:
+                return [f"{key or '<root>'}: {e}"]
+            hints, names = _type_hints(target)
+            name = getattr(target, "__qualname__", node["_target_"])
+            for k, v in node.items():
+                if k in HYDRA_KEYS:
+                    continue
+                where = f"{key}.{k}" if key else str(k)
+                if names is not None and k not in names:
+                    errors.append(
+                        f"{where} is not an argument of {name} (it takes: {', '.join(sorted(names))})"
+                    )
+                elif k in hints and matches(v, hints[k]) is False:
+                    errors.append(f"{where}={v!r} has the wrong type: {name} expects {_describe(hints[k])}")
+        for k, v in node.items():
+            if k not in HYDRA_KEYS:
+                errors += config_errors(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            errors += config_errors(v, f"{key}[{i}]")
+    return errors
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """ConfigError listing every value that does not fit its constructor's annotation (one line)."""
+    errors = config_errors(config)
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of nested dicts (lists are leaves)."""
+    if not isinstance(node, Mapping):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], *, prefix: str = "") -> list[str]:
+    """`key: checkpoint X vs now Y` for every leaf that differs (missing on one side: `<absent>`)."""
+    a, b = flatten(saved, prefix), flatten(current, prefix)
+    absent = "<absent>"
+    return [
+        f"{k}: checkpoint {a.get(k, absent)!r} vs now {b.get(k, absent)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, absent) != b.get(k, absent)
+    ]
+
+
+def state_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Short description of how a state_dict differs from a module's (shapes, missing, unexpected keys)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es), e.g. " + "; ".join(shapes[:3]))
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+    return parts
+
+
+def check_resume(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    model_config: Mapping[str, Any] | None = None,
+    strict_keys: tuple[str, ...] = ("image_size",),
+) -> list[str]:
+    """Fail (CheckpointError, one line) when a checkpoint cannot resume `model`, listing the differing config keys.
+
+    It cannot when the weights do not fit (names, shapes) or when a config key named in `strict_keys` (the data
+    shape) differs. Reads the file memory-mapped (tensors are not loaded). Returns the model config keys that
+    differ although resuming works (a longer LR schedule, another learning rate), for the caller to report."""
+    ckpt = read_checkpoint_lazily(path)
+    saved = ((ckpt.get("diffusion_lab") or {}).get("config") or {}).get("model")
+    diffs = config_diff(saved, model_config, prefix="model") if saved is not None and model_config else []
+    state = ckpt.get("current_model_state") or ckpt.get("state_dict") or {}
+    mismatch = state_mismatch(model.state_dict(), state)
+    strict = [d for d in diffs if d.split(":")[0].rsplit(".", 1)[-1] in strict_keys]
+    if mismatch or strict:
+        why = "; ".join(diffs[:8]) + (f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with a different model or data shape"
+            + (f" — config differs: {why}" if diffs else " (it records no model config to compare)")
+            + (" — weights: " + " | ".join(mismatch) if mismatch else "")
+        )
+    return diffs
+
+
+# ------------------------------------------------------------------------------------------ output
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` and check a file can be written in it; ValueError with the OS's reason if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write the {what} {path}: {e.strerror or e}") from e
+    return path
+
+
+# ---------------------------------------------------------------------------------------- CLI errors
+def one_line(error: BaseException) -> str:
+    """The error's message on one line; wrapper errors (Hydra's InstantiationException) show their cause."""
+    cause = error.__cause__
+    text = " ".join(str(error).split())
+    if type(error).__name__ == "InstantiationException" and cause is not None:
+        target = text.split("'")[1] if text.count("'") >= 2 else ""
+        return f"{target}: {one_line(cause)}" if target else one_line(cause)
+    if not text:
+        text = type(error).__name__
+    return text
+
+
+@contextmanager
+def exit_on_user_error(
+    extra: tuple[type[BaseException], ...] = (), *, reraise: bool = False
+) -> Iterator[None]:
+    """In a CLI: log `error: <one-line cause>` and exit 1 on a user-facing error (bad config, data, checkpoint).
+
+    `DIFFUSION_LAB_TRACEBACK=1` (or `HYDRA_FULL_ERROR=1`) re-raises, for the full traceback; so does
+    `reraise=True` after logging (a Hydra sweep records the failed job and runs the others)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from diffusion_lab.callbacks.nan_guard import NonFiniteTrainingError
+    from diffusion_lab.data.base import DataError
+
+    try:
+        yield
+    except (ValueError, DataError, NonFiniteTrainingError, MisconfigurationException, *extra) as e:
+        if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("error: %s", one_line(e))
+        if reraise:
+            raise
+        sys.exit(1)

@@ -1,0 +1,217 @@
+"""Bad input is answered with one clear line: config types, data folders, corrupt images, sampling arguments,
+unwritable folders, and the CLI's `error: <cause>` with exit code 1 instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import InstantiationException
+from PIL import Image
+
+from diffusion_lab.data.base import CorruptImageError, DatasetNotFoundError
+from diffusion_lab.data.folder import ImageFolderDataModule
+from diffusion_lab.sample import sample
+from diffusion_lab.train import train
+from diffusion_lab.validation import ConfigError, check_config, one_line
+
+from conftest import CONF_DIR, TINY, compose
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = [*TINY, "trainer.max_steps=2", "callbacks.class_accuracy=null", "callbacks.image_logger=null"]
+
+
+def _single_line(e: pytest.ExceptionInfo) -> str:
+    text = one_line(e.value)
+    assert "\n" not in text and len(text) < 1000
+    return text
+
+
+# ------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_steps=abc", r"trainer\.max_steps='abc' has the wrong type: Trainer expects int"),
+        (
+            "model.cond_drop_prob=high",
+            r"model\.cond_drop_prob='high' has the wrong type: DiffusionSystem expects float",
+        ),
+        (
+            "data.batch_size=[1,2]",
+            r"data\.batch_size=\[1, 2\] has the wrong type: DigitsDataModule expects int",
+        ),
+        ("+model.net.widht=3", r"model\.net\.widht is not an argument of UNet \(it takes: .*base_channels"),
+        (
+            "trainer.precision=fp99",
+            r"trainer\.precision='fp99' has the wrong type: Trainer expects .*bf16-mixed",
+        ),
+    ],
+)
+def test_wrong_config_values_are_named(tmp_path, override, expected):
+    with pytest.raises(ConfigError, match=expected) as e:
+        train(compose("train", [*QUICK, override], tmp_path))
+    _single_line(e)
+    assert not (tmp_path / "checkpoints").exists()  # failed before building anything
+
+
+def test_every_shipped_config_passes_the_type_check(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiment_fixtures import overrides_for
+
+    for experiment in sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        cfg = compose("train", [f"experiment={experiment}", *overrides_for(experiment, tmp_path)], tmp_path)
+        check_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_unknown_group_option_lists_the_choices(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"Available options in 'noise':\s+cosine\s+linear"):
+        compose("train", ["noise=nope"], tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- data
+def _folder(tmp_path: Path, *, n: int = 6, corrupt: bool = False) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / f"{i}.png")
+    if corrupt:
+        (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+FOLDER = [*QUICK, "data=image_folder", "data.image_size=8", "data.channels=1", "model.net.num_classes=null"]
+
+
+def test_missing_and_empty_data_dirs_fail_through_train(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="does not exist") as e:
+        train(compose("train", [*FOLDER, f"data.data_dir={tmp_path / 'nowhere'}"], tmp_path / "a"))
+    assert str(tmp_path / "nowhere") in _single_line(e)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="the folder is empty") as e:
+        train(compose("train", [*FOLDER, f"data.data_dir={tmp_path / 'empty'}"], tmp_path / "b"))
+    _single_line(e)
+
+
+def test_corrupt_image_is_named_by_the_data_module(tmp_path):
+    dm = ImageFolderDataModule(
+        data_dir=_folder(tmp_path, corrupt=True), image_size=8, channels=1, batch_size=2, val_fraction=0.0,
+        test_fraction=0.0,
+    )  # fmt: skip
+    dm.setup("fit")
+    with pytest.raises(CorruptImageError, match=r"corrupt or unreadable image file .*broken\.png") as e:
+        for _ in dm.train_dataloader():
+            pass
+    _single_line(e)
+
+
+def test_unwritable_run_dir(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"cannot write the run folder .*a_file/run: Not a directory") as e:
+        train(compose("train", QUICK, tmp_path / "a_file" / "run"))
+    _single_line(e)
+
+
+# ----------------------------------------------------------------------------------------- sampling
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny class-conditional and unconditional checkpoints."""
+    out = {}
+    for name, extra in (("class", []), ("uncond", ["model.net.num_classes=null"])):
+        run = tmp_path_factory.mktemp(name)
+        train(compose("train", [*QUICK, *extra], run))
+        out[name] = run / "checkpoints" / "last.ckpt"
+    return out
+
+
+def _sample_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("sample", ["n=2", "sampler.steps=2", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("kind", "override", "expected"),
+    [
+        ("uncond", "prompt=a red square", "prompt given, but this model is not text-conditional"),
+        ("uncond", "class_label=1", "class_label given, but this model is not class-conditional"),
+        ("class", "class_label=10", "class_label=10 is out of range: this model has classes 0..9"),
+        ("class", "class_label=-1", "class_label=-1 is out of range"),
+        ("class", "sampler.steps=0", "steps must be an integer >= 1, got 0"),
+        ("class", "guidance_scale=-1", "guidance_scale must be >= 0, got -1"),
+        ("class", "n=0", "n must be >= 1, got 0"),
+    ],
+)
+def test_bad_sampling_arguments(checkpoints, tmp_path, kind, override, expected):
+    cfg = _sample_cfg([f"ckpt={checkpoints[kind]}", f"out={tmp_path / 's'}", override])
+    with pytest.raises((ValueError, InstantiationException)) as e:
+        sample(cfg)
+    assert expected in _single_line(e)
+
+
+def test_unwritable_sample_folder(checkpoints, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cfg = _sample_cfg([f"ckpt={checkpoints['class']}", f"out={tmp_path / 'a_file' / 'out'}"])
+    with pytest.raises(ValueError, match=r"cannot write the output folder .*a_file/out") as e:
+        sample(cfg)
+    _single_line(e)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def _cli(module: str, *args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **env}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_prints_one_line_and_exits_1(tmp_path):
+    env = {"PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": ""}
+    r = _cli(
+        "diffusion_lab.train",
+        "trainer.max_steps=abc",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        tmp_path=tmp_path,
+        **env,
+    )
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    errors = [ln for ln in out.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "trainer.max_steps='abc' has the wrong type: Trainer expects int" in errors[0]
+    assert "Traceback" not in out
+
+    r = _cli("diffusion_lab.sample", f"ckpt={tmp_path / 'missing.ckpt'}", tmp_path=tmp_path, **env)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert f"error: checkpoint not found: {tmp_path / 'missing.ckpt'}" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_cli_unknown_group_option_and_traceback_switch(tmp_path):
+    env = {"PYTHONPATH": str(REPO)}
+    r = _cli("diffusion_lab.train", "sampler=nope", tmp_path=tmp_path, **env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "Could not find 'sampler/nope'" in r.stderr and "Available options in 'sampler'" in r.stderr
+
+    r = _cli(
+        "diffusion_lab.sample",
+        f"ckpt={tmp_path / 'missing.ckpt'}",
+        tmp_path=tmp_path,
+        DIFFUSION_LAB_TRACEBACK="1",
+        **env,
+    )
+    assert r.returncode == 1 and "CheckpointError: checkpoint not found" in r.stderr

@@ -1,0 +1,157 @@
+"""evaluate end to end on tiny trained checkpoints: metrics.csv / .md / plot with the right rows, values, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_lab.data.digits import DigitsDataModule
+from diffusion_lab.metrics.features import ClassifierFeatures, extract_all, uint8_to_images
+from diffusion_lab.metrics.fid import fid_from_features
+from diffusion_lab.metrics.scores import conditional_accuracy
+from diffusion_lab.systems.diffusion import DiffusionSystem
+from diffusion_lab.train import train
+
+from conftest import CONF_DIR, TINY, compose
+
+TINY_CLASSIFIER = [
+    "experiment=digits_classifier",
+    "trainer.max_steps=3",
+    "trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "model.net.base_channels=4",
+    "model.net.feature_dim=8",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval")
+    diffusion = train(compose("train", [*TINY, "callbacks.class_accuracy=null"], root / "run"))[
+        "last_checkpoint"
+    ]
+    classifier = train(compose("train", TINY_CLASSIFIER, root / "clf"))["last_checkpoint"]
+    torch.set_num_threads(n)
+    return root, diffusion, classifier
+
+
+def _eval_cfg(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="evaluate", overrides=overrides)
+
+
+def _overrides(root, diffusion, classifier, **extra) -> list[str]:
+    base = {
+        "ckpt": diffusion,
+        "samplers": "[ddim,ddpm]",
+        "steps": "[2,3]",
+        "guidance_scales": "[1.0,2.0]",
+        "num_samples": 12,
+        "batch_size": 8,  # two chunks per cell
+        "features": "[classifier,random]",
+        "classifier_ckpt": classifier,
+        "kid_subsets": 5,
+        "cache_dir": root / "cache",
+        "progress": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items() if v is not None]
+
+
+def _read(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_evaluate_end_to_end_then_resume(checkpoints, monkeypatch):
+    from diffusion_lab.evaluate import evaluate
+
+    root, diffusion, classifier = checkpoints
+    rows = evaluate(_eval_cfg(_overrides(root, diffusion, classifier)))
+    out = root / "run" / "eval"  # default: next to the checkpoint's run dir
+    table = _read(out / "metrics.csv")
+    cells = [(r["sampler"], int(r["steps"]), int(r["nfe"]), float(r["guidance_scale"])) for r in table]
+    assert cells == [(s, k, k, g) for s in ("ddim", "ddpm") for k in (2, 3) for g in (1.0, 2.0)]
+    for col in (
+        "fid_classifier",
+        "fid_random",
+        "kid_classifier",
+        "kid_classifier_std",
+        "precision_classifier",
+        "recall_random",
+        "is_classifier",
+        "class_accuracy",
+    ):
+        assert all(math.isfinite(float(r[col])) for r in table), col
+    assert "is_random" not in table[0]  # no logits, no Inception Score
+    assert all(0 <= float(r["class_accuracy"]) <= 1 and 1 <= float(r["is_classifier"]) <= 10 for r in table)
+    md = (out / "metrics.md").read_text()
+    assert md.count("\n| ddim |") == 4 + 2 * 2 and "## fid_classifier (guidance 2): sampler x steps" in md
+    png = Image.open(out / "metrics_vs_nfe.png")
+    assert png.format == "PNG" and png.size[0] > 400
+    assert len(list((out / "samples").glob("*.npz"))) == 8
+
+    # the numbers follow from the cached samples: FID with the classifier features, accuracy from its logits
+    samples = np.load(out / "samples" / "ddpm_steps3_g2_seed0_n12.npz")
+    assert samples["images"].shape == (12, 8, 8, 1) and list(samples["labels"]) == [i % 10 for i in range(12)]
+    ext = ClassifierFeatures(ckpt=classifier)
+    dm = DigitsDataModule(image_size=8)
+    dm.setup()
+    real = extract_all(ext, torch.stack([dm.test_set[i]["image"] for i in range(len(dm.test_set))]))[0]
+    fake, logits = extract_all(ext, uint8_to_images(samples["images"]))
+    row = rows[7]
+    assert (row["sampler"], row["steps"], row["guidance_scale"]) == ("ddpm", 3, 2.0)
+    assert row["fid_classifier"] == pytest.approx(fid_from_features(real, fake), rel=1e-5)
+    assert row["class_accuracy"] == conditional_accuracy(logits, samples["labels"])
+    assert rows[0]["fid_random"] != rows[4]["fid_random"]  # ddim vs ddpm: other samples, other numbers
+
+    # rerun: every cell comes from the cache (sampling would fail), same table
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again although the cell was cached")
+
+    monkeypatch.setattr(DiffusionSystem, "sample", no_sampling)
+    again = evaluate(_eval_cfg(_overrides(root, diffusion, classifier)))
+    assert [{k: r[k] for k in r if k != "sample_seconds"} for r in again] == [
+        {k: r[k] for k in r if k != "sample_seconds"} for r in rows
+    ]
+    # a new steps value: only its cells are sampled
+    calls = []
+    monkeypatch.setattr(
+        DiffusionSystem, "sample", lambda self, **kw: calls.append(1) or torch.zeros(len(kw["x_T"]), 1, 8, 8)
+    )
+    more = evaluate(_eval_cfg(_overrides(root, diffusion, classifier, steps="[2,3,4]", samplers="[ddim]")))
+    assert [(r["steps"], r["guidance_scale"]) for r in more] == [
+        (k, g) for k in (2, 3, 4) for g in (1.0, 2.0)
+    ]
+    assert len(calls) == 2 * 2  # (steps=4) x 2 guidance scales x 2 chunks
+
+
+def test_evaluate_errors_are_clear(checkpoints, tmp_path):
+    from diffusion_lab.evaluate import evaluate
+
+    root, diffusion, classifier = checkpoints
+    with pytest.raises(ValueError, match="needs classifier_ckpt"):
+        evaluate(_eval_cfg(_overrides(root, diffusion, classifier, classifier_ckpt="null", out=tmp_path)))
+    with pytest.raises(ValueError, match="valid choices: .*ddim"):
+        evaluate(_eval_cfg(_overrides(root, diffusion, classifier, samplers="[nope]", out=tmp_path)))
+    with pytest.raises(FileNotFoundError, match="experiment=digits_classifier"):
+        evaluate(_eval_cfg(_overrides(root, diffusion, str(tmp_path / "missing.ckpt"), out=tmp_path)))
+    with pytest.raises(ValueError, match="is not a diffusion model"):
+        evaluate(_eval_cfg(_overrides(root, classifier, classifier, out=tmp_path)))
