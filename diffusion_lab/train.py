@@ -83,8 +83,11 @@ def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -
         "final_val_loss": _float(trainer.callback_metrics.get("val/loss")),
         "last_checkpoint": str(last),
     }
-    for cb in callbacks:
-        summary.update(getattr(cb, "summary", None) or {})
+    summary.update(
+        {k: _float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "eval/"))}
+    )
+    for part in (model, *callbacks):  # systems and callbacks may contribute (scale factor, grids, accuracy)
+        summary.update(getattr(part, "summary", None) or {})
     if trainer.is_global_zero:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("summary: %s", json.dumps(summary))

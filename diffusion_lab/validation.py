@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import importlib
 import inspect
 import logging
@@ -35,10 +36,13 @@ def locate(path: str) -> Any:
     """The object a dotted `_target_` names (module attribute, possibly nested); ConfigError if none."""
     parts = path.split(".")
     for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
         try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (module == e.name or module.startswith(e.name + ".")):
+                continue  # not a module: try the parent; a module that fails inside raises as it is
+            raise
         try:
             for name in parts[i:]:
                 obj = getattr(obj, name)
@@ -100,6 +104,13 @@ def matches(value: Any, hint: Any) -> bool | None:
     return None
 
 
+def _suggest(key: str, names: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(names), n=3)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return "it takes: " + ", ".join(sorted(names)) if len(names) <= 20 else f"see its {len(names)} arguments"
+
+
 def _describe(hint: Any) -> str:
     text = str(hint).replace("typing.", "").replace("NoneType", "None")
     return getattr(hint, "__name__", text) if not typing.get_args(hint) else text
@@ -121,9 +132,7 @@ def config_errors(node: Any, key: str = "") -> list[str]:
                     continue
                 where = f"{key}.{k}" if key else str(k)
                 if names is not None and k not in names:
-                    errors.append(
-                        f"{where} is not an argument of {name} (it takes: {', '.join(sorted(names))})"
-                    )
+                    errors.append(f"{where} is not an argument of {name} ({_suggest(str(k), names)})")
                 elif k in hints and matches(v, hints[k]) is False:
                     errors.append(f"{where}={v!r} has the wrong type: {name} expects {_describe(hints[k])}")
         for k, v in node.items():

@@ -41,7 +41,12 @@ def _ldm_text(tmp_path: Path) -> list[str]:
 
 def overrides_for(experiment: str, tmp_path: Path) -> list[str]:
     if experiment == "quickstart":
-        return [*SMALL_NET, "callbacks.class_accuracy.num_per_class=1", "callbacks.class_accuracy.sampler.steps=2", "sampler.steps=2"]
+        return [
+            *SMALL_NET,
+            "callbacks.class_accuracy.num_per_class=1",
+            "callbacks.class_accuracy.sampler.steps=2",
+            "sampler.steps=2",
+        ]
     if experiment == "shapes_autoencoder":
         return [*TINY_SHAPES, "model.net.base_channels=8", "model.scale_factor_batches=1"]
     if experiment == "shapes_contrastive":
@@ -52,6 +57,32 @@ def overrides_for(experiment: str, tmp_path: Path) -> list[str]:
             *_ldm_text(tmp_path),
             "callbacks.prompt_adherence.num_prompts=2",
             "callbacks.prompt_adherence.num_per_prompt=1",
+        ]
+    if experiment in ("digits_classifier", "fashion_mnist_classifier"):
+        return []  # filled below if the classifier experiments need more
+    if experiment == "mnist_autoencoder":
+        return [
+            "data.batch_size=4",
+            "model.net.base_channels=8",
+            "model.perceptual_weight=0",
+            "model.scale_factor_batches=1",
+        ]
+    if experiment == "celeba_autoencoder":
+        from test_data_celeba import CROP, make_celeba
+
+        make_celeba(tmp_path / "celeba")
+        return [
+            "trainer=cpu",
+            f"data.data_dir={tmp_path / 'celeba'}",
+            f"data.crop_size={CROP}",
+            "data.image_size=16",
+            "data.batch_size=4",
+            "model.net.base_channels=8",
+            "model.net.channel_mult=[1,2]",
+            "model.discriminator.base_channels=8",
+            "model.discriminator.num_layers=1",
+            "model.perceptual_weight=0",
+            "model.scale_factor_batches=1",
         ]
     if experiment == "celeba_ldm_text":
         from test_data_celeba import CROP, make_celeba

@@ -15,11 +15,12 @@ from hydra import initialize_config_dir
 from hydra.errors import InstantiationException
 from PIL import Image
 
+from diffusion_lab.callbacks.checkpoint import CheckpointError
 from diffusion_lab.data.base import CorruptImageError, DatasetNotFoundError
 from diffusion_lab.data.folder import ImageFolderDataModule
 from diffusion_lab.sample import sample
 from diffusion_lab.train import train
-from diffusion_lab.validation import ConfigError, check_config, one_line
+from diffusion_lab.validation import ConfigError, check_config, exit_on_user_error, one_line
 
 from conftest import CONF_DIR, TINY, compose
 
@@ -46,7 +47,11 @@ def _single_line(e: pytest.ExceptionInfo) -> str:
             "data.batch_size=[1,2]",
             r"data\.batch_size=\[1, 2\] has the wrong type: DigitsDataModule expects int",
         ),
-        ("+model.net.widht=3", r"model\.net\.widht is not an argument of UNet \(it takes: .*base_channels"),
+        (
+            "+model.net.num_head=3",
+            r"model\.net\.num_head is not an argument of UNet \(did you mean num_heads\?\)",
+        ),
+        ("+trainer.max_step=3", r"trainer\.max_step is not an argument of Trainer \(did you mean max_steps"),
         (
             "trainer.precision=fp99",
             r"trainer\.precision='fp99' has the wrong type: Trainer expects .*bf16-mixed",
@@ -66,7 +71,9 @@ def test_every_shipped_config_passes_the_type_check(tmp_path):
     from experiment_fixtures import overrides_for
 
     for experiment in sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
-        cfg = compose("train", [f"experiment={experiment}", *overrides_for(experiment, tmp_path)], tmp_path)
+        (tmp_path / experiment).mkdir()
+        fixtures = overrides_for(experiment, tmp_path / experiment)
+        cfg = compose("train", [f"experiment={experiment}", *fixtures], tmp_path / experiment)
         check_config(OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -201,17 +208,20 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_unknown_group_option_and_traceback_switch(tmp_path):
-    env = {"PYTHONPATH": str(REPO)}
-    r = _cli("diffusion_lab.train", "sampler=nope", tmp_path=tmp_path, **env)
+def test_cli_unknown_group_option_lists_the_choices(tmp_path):
+    r = _cli("diffusion_lab.train", "sampler=nope", tmp_path=tmp_path, PYTHONPATH=str(REPO))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "Could not find 'sampler/nope'" in r.stderr and "Available options in 'sampler'" in r.stderr
 
-    r = _cli(
-        "diffusion_lab.sample",
-        f"ckpt={tmp_path / 'missing.ckpt'}",
-        tmp_path=tmp_path,
-        DIFFUSION_LAB_TRACEBACK="1",
-        **env,
-    )
-    assert r.returncode == 1 and "CheckpointError: checkpoint not found" in r.stderr
+
+def test_exit_on_user_error(monkeypatch, caplog):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv("DIFFUSION_LAB_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e, exit_on_user_error():
+        raise CheckpointError("checkpoint not found: x.ckpt")
+    assert e.value.code == 1 and caplog.messages[-1] == "error: checkpoint not found: x.ckpt"
+    with pytest.raises(KeyError), exit_on_user_error():  # a bug is not a user error: full traceback
+        raise KeyError("bug")
+    monkeypatch.setenv("DIFFUSION_LAB_TRACEBACK", "1")  # the switch for the full traceback
+    with pytest.raises(CheckpointError), exit_on_user_error():
+        raise CheckpointError("checkpoint not found: x.ckpt")

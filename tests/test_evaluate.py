@@ -87,7 +87,8 @@ def test_evaluate_end_to_end_then_resume(checkpoints, monkeypatch):
     rows = evaluate(_eval_cfg(_overrides(root, diffusion, classifier)))
     out = root / "run" / "eval"  # default: next to the checkpoint's run dir
     table = _read(out / "metrics.csv")
-    cells = [(r["sampler"], int(r["steps"]), int(r["nfe"]), float(r["guidance_scale"])) for r in table]
+    assert (table[0]["sampler"], table[0]["nfe"], table[0]["guidance_scale"]) == ("real_val", "0", "")
+    cells = [(r["sampler"], int(r["steps"]), int(r["nfe"]), float(r["guidance_scale"])) for r in table[1:]]
     assert cells == [(s, k, k, g) for s in ("ddim", "ddpm") for k in (2, 3) for g in (1.0, 2.0)]
     for col in (
         "fid_classifier",
@@ -104,6 +105,7 @@ def test_evaluate_end_to_end_then_resume(checkpoints, monkeypatch):
     assert all(0 <= float(r["class_accuracy"]) <= 1 and 1 <= float(r["is_classifier"]) <= 10 for r in table)
     md = (out / "metrics.md").read_text()
     assert md.count("\n| ddim |") == 4 + 2 * 2 and "## fid_classifier (guidance 2): sampler x steps" in md
+    assert md.count("\n| real_val (reference) |") == 2 * 2
     png = Image.open(out / "metrics_vs_nfe.png")
     assert png.format == "PNG" and png.size[0] > 400
     assert len(list((out / "samples").glob("*.npz"))) == 8
@@ -116,11 +118,17 @@ def test_evaluate_end_to_end_then_resume(checkpoints, monkeypatch):
     dm.setup()
     real = extract_all(ext, torch.stack([dm.test_set[i]["image"] for i in range(len(dm.test_set))]))[0]
     fake, logits = extract_all(ext, uint8_to_images(samples["images"]))
-    row = rows[7]
+    row = rows[8]
     assert (row["sampler"], row["steps"], row["guidance_scale"]) == ("ddpm", 3, 2.0)
     assert row["fid_classifier"] == pytest.approx(fid_from_features(real, fake), rel=1e-5)
     assert row["class_accuracy"] == conditional_accuracy(logits, samples["labels"])
-    assert rows[0]["fid_random"] != rows[4]["fid_random"]  # ddim vs ddpm: other samples, other numbers
+    assert rows[1]["fid_random"] != rows[5]["fid_random"]  # ddim vs ddpm: other samples, other numbers
+    # the reference row: the first 12 real validation images scored like a sample set
+    val_images = torch.stack([dm.val_set[i]["image"] for i in range(12)])
+    val_feats, val_logits = extract_all(ext, val_images)
+    assert rows[0]["fid_classifier"] == pytest.approx(fid_from_features(real, val_feats), rel=1e-5)
+    val_labels = np.array([dm.val_set[i]["label"] for i in range(12)])
+    assert rows[0]["class_accuracy"] == conditional_accuracy(val_logits, val_labels)
 
     # rerun: every cell comes from the cache (sampling would fail), same table
     def no_sampling(*args, **kwargs):
@@ -137,7 +145,7 @@ def test_evaluate_end_to_end_then_resume(checkpoints, monkeypatch):
         DiffusionSystem, "sample", lambda self, **kw: calls.append(1) or torch.zeros(len(kw["x_T"]), 1, 8, 8)
     )
     more = evaluate(_eval_cfg(_overrides(root, diffusion, classifier, steps="[2,3,4]", samplers="[ddim]")))
-    assert [(r["steps"], r["guidance_scale"]) for r in more] == [
+    assert [(r["steps"], r["guidance_scale"]) for r in more[1:]] == [
         (k, g) for k in (2, 3, 4) for g in (1.0, 2.0)
     ]
     assert len(calls) == 2 * 2  # (steps=4) x 2 guidance scales x 2 chunks
@@ -153,5 +161,7 @@ def test_evaluate_errors_are_clear(checkpoints, tmp_path):
         evaluate(_eval_cfg(_overrides(root, diffusion, classifier, samplers="[nope]", out=tmp_path)))
     with pytest.raises(FileNotFoundError, match="experiment=digits_classifier"):
         evaluate(_eval_cfg(_overrides(root, diffusion, str(tmp_path / "missing.ckpt"), out=tmp_path)))
+    with pytest.raises(ValueError, match="reference_split must differ"):
+        evaluate(_eval_cfg(_overrides(root, diffusion, classifier, reference_split="test", out=tmp_path)))
     with pytest.raises(ValueError, match="is not a diffusion model"):
         evaluate(_eval_cfg(_overrides(root, classifier, classifier, out=tmp_path)))

@@ -123,6 +123,7 @@ class _Poison(Callback):
         }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # train.py plugs it in
         if trainer.global_step in self.steps:
             batch["image"].fill_(float("nan"))
             self.before[trainer.global_step] = self._snapshot(trainer, pl_module)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -47,23 +47,40 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A shuffled DataLoader with `state_dict` / `load_state_dict` = (seed, epoch, batches handed out)."""
+    """A shuffled DataLoader with `state_dict` / `load_state_dict` = (seed, epoch, batches handed out).
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int | None = None, **kwargs: Any) -> None:
+    `sampler` is for Lightning, which rebuilds loaders with another sampler for some features (e.g.
+    `overfit_batches`); such a loader is not resumable."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        seed: int | None = None,
+        sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
         if seed is None:
             seed = torch.initial_seed() % 2**31  # the run's seed after seed_everything: same on every rank
+        kwargs.pop("shuffle", None)
         super().__init__(
             dataset,
             batch_size=batch_size,
-            sampler=ResumableSampler(dataset, seed=seed),
-            generator=torch.Generator().manual_seed(seed),  # worker seeds: no draw from the global RNG
+            sampler=ResumableSampler(dataset, seed=seed) if sampler is None else sampler,
+            # its own generator: worker seeds draw nothing from the global RNG
+            generator=torch.Generator().manual_seed(seed) if generator is None else generator,
             **kwargs,
         )
         self._batches = 0
         self._epoch = 0
 
     def __iter__(self) -> Iterator[Any]:
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler):
+            yield from super().__iter__()
+            return
         resume = sampler._skip
         self._epoch = sampler.epoch
         self._batches = resume[1] // self.batch_size if resume and resume[0] == sampler.epoch else 0
@@ -73,9 +90,13 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, ResumableSampler):
+            return {}
         return {"seed": int(self.sampler.seed), "epoch": int(self._epoch), "batches": int(self._batches)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler) or not state_dict:
+            return
         sampler.seed = int(state_dict["seed"])
         sampler.start_at(epoch=int(state_dict["epoch"]), index=int(state_dict["batches"]) * self.batch_size)
