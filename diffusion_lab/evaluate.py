@@ -301,8 +301,11 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
     cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in guidance]
     for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
-        sampler = get_sampler(name, steps=steps)
+        opts = dict(cfg.get("sampler_options") or {})
+        sampler = get_sampler(name, steps=steps, **opts)
         stem = cell_name(name, steps, g, cfg.seed, cfg.num_samples)
+        if opts:  # options change the samples: keep their cache apart
+            stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
         data = load_or_generate(
             model,
             out / "samples" / f"{stem}.npz",

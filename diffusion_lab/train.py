@@ -14,10 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
+from diffusion_lab.callbacks.ema import KeepRawWeights
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
 from diffusion_lab.validation import check_config, check_resume, ensure_writable_dir, exit_on_user_error
@@ -55,7 +57,8 @@ def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -
         model_config = OmegaConf.to_container(cfg.model, resolve=True)
         for diff in check_resume(cfg.ckpt_path, model=model, model_config=model_config):
             log.warning("resuming with a changed model config: %s", diff)
-    callbacks = build_callbacks(cfg)
+    keep_raw = KeepRawWeights()  # first: its on_train_end runs before EMA swaps the EMA weights in
+    callbacks = [keep_raw, *build_callbacks(cfg)]
     callbacks.append(RunConfig(config=OmegaConf.to_container(cfg, resolve=True)))
     callbacks.append(RandomState())  # global RNG states in checkpoints: a resumed run draws the same noise
     callbacks.extend(extra_callbacks or [])
@@ -72,7 +75,7 @@ def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     last = out_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last)
+    _save_final(trainer, model, last, raw=keep_raw.state)
     summary: dict[str, Any] = {
         "task_name": cfg.get("task_name"),
         "output_dir": str(out_dir),
@@ -92,6 +95,19 @@ def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def _save_final(trainer: L.Trainer, model: L.LightningModule, path, *, raw: dict | None) -> None:
+    """Save `last.ckpt` with the raw weights in the module (EMA keeps its own copy), then restore the EMA ones."""
+    if raw is None or not any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
+        trainer.save_checkpoint(path)
+        return
+    ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(raw)
+    try:
+        trainer.save_checkpoint(path)
+    finally:
+        model.load_state_dict(ema_state)
 
 
 def _float(x) -> float | None:

@@ -188,6 +188,8 @@ def test_real_feature_cache_reused_and_invalidated(tmp_path, digits16):
     ext = Counting(in_channels=1, width=4)
     desc = describe_datamodule(digits16)
     assert "batch_size" not in desc and desc["image_size"] == 16
+    fresh = DigitsDataModule(image_size=16, val_fraction=0.25, test_fraction=0.25, batch_size=7)
+    assert describe_datamodule(fresh) == desc  # before setup(), other loader settings: the same data
     first, _ = cache.get(ext, digits16.test_set, description=desc, split="test", batch_size=128)
     n_calls = calls["n"]
     assert n_calls > 0 and cache.computed == 1 and len(first) == len(digits16.test_set)

@@ -131,3 +131,21 @@ def test_wandb_logger_works_offline(tmp_path, monkeypatch):
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb"))  # the offline log that `wandb sync` uploads
     assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))  # the sample grids
+
+
+class _LastRawWeights(Callback):
+    """Records the raw weights after every optimizer step (the last record = the final raw weights)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_final_checkpoint_holds_raw_and_ema_weights(tmp_path):
+    over = [*TINY, "callbacks.ema.update_starting_at_step=0", "callbacks.class_accuracy=null"]
+    probe = _LastRawWeights()
+    train(compose("train", over, tmp_path / "run"), extra_callbacks=[probe])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for k, v in probe.state.items():  # resuming a finished run continues from its raw weights...
+        torch.testing.assert_close(ckpt["current_model_state"][k], v)
+    # ...while the state_dict (what sample / evaluate load) is the EMA, which differs
+    assert not all(torch.equal(ckpt["state_dict"][k], v) for k, v in probe.state.items())

@@ -196,6 +196,8 @@ class ImageDataset(Dataset):
     def _load(self, i: int) -> tuple[np.ndarray, int]:
         """(uint8 image, source index) of item i, or of the next readable item when skipping."""
         n = len(self.indices)
+        if not -n <= i < n:  # plain iteration (`for item in dataset`) stops here
+            raise IndexError(f"index {i} out of range for {n} items")
         for step in range(n if self.skip_corrupt else 1):
             j = int(self.indices[(i + step) % n])
             try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,12 +30,16 @@ from diffusion_lab.metrics.features import FeatureExtractor, extract_all
 from diffusion_lab.metrics.perceptual import cache_dir as default_cache_root
 
 log = logging.getLogger(__name__)
-LOADER_KEYS = (
+# data module attributes that are not part of the data's identity: loader settings and the built splits
+NON_IDENTITY_KEYS = {
     "batch_size",
     "num_workers",
     "pin_memory",
     "persistent_workers",
-)  # not part of the data identity
+    "train_set",
+    "val_set",
+    "test_set",
+}
 
 
 # ---------------------------------------------------------------------------------------- Frechet distance
@@ -107,8 +112,13 @@ def set_real_features(metric: FrechetInceptionDistance, features: np.ndarray | N
 def describe_datamodule(datamodule: Any) -> dict[str, Any]:
     """Class and plain settings of a data module (what defines its data; loader settings left out)."""
     out: dict[str, Any] = {"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"}
+    lightning_own = (
+        set(vars(L.LightningDataModule())) if isinstance(datamodule, L.LightningDataModule) else set()
+    )
     for k, v in sorted(vars(datamodule).items()):
-        if k.startswith("_") or k in LOADER_KEYS:
+        if (
+            k.startswith("_") or k in NON_IDENTITY_KEYS or k in lightning_own
+        ):  # `trainer` is set once attached
             continue
         if isinstance(v, (str, int, float, bool, type(None), Path)) or (
             isinstance(v, (tuple, list)) and all(isinstance(x, (str, int, float, bool)) for x in v)
