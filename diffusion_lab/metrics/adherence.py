@@ -76,15 +76,15 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """python -m diffusion_lab.metrics.adherence CKPT [--guidance 1 3 5] [--steps 25]: adherence table."""
+    """python -m diffusion_lab.metrics.adherence CKPT [--guidance 1 3 5] [--sampler NAME --steps K]."""
     from diffusion_lab.diffusion import get_sampler
     from diffusion_lab.sample import load_system
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("ckpt", help="a shapes text-to-image checkpoint (diffusion_lab.train)")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0])
-    ap.add_argument("--sampler", default="ddim")
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sampler", default="euler_ancestral")
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
