@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_lab.systems.optim import build_optimizers
+
 
 def random_shift(
     images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
@@ -87,8 +89,4 @@ class ClassifierSystem(L.LightningModule):
         return self._step(batch, "test")
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler_factory is None:
-            return opt
-        sched = self.lr_scheduler_factory(optimizer=opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)

@@ -15,6 +15,7 @@ from torch import nn
 
 from diffusion_lab.nets.layers import group_norm
 from diffusion_lab.nets.text import TextEncoder
+from diffusion_lab.systems.optim import build_optimizers
 
 
 def info_nce(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -158,11 +159,7 @@ class ContrastiveSystem(L.LightningModule):
             out.write_text(json.dumps({"step": self.global_step, **self.retrieval}, indent=2) + "\n")
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler_factory is None:
-            return opt
-        sched = self.lr_scheduler_factory(optimizer=opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
 
 
 @torch.no_grad()

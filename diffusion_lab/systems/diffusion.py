@@ -11,6 +11,7 @@ from torch import nn
 
 from diffusion_lab.diffusion import NoiseSchedule, diffusion_loss, get_loss_weighting, training_target
 from diffusion_lab.diffusion.parameterization import PREDICTION_TYPES
+from diffusion_lab.systems.optim import build_optimizers
 
 
 class DiffusionSystem(L.LightningModule):
@@ -132,11 +133,7 @@ class DiffusionSystem(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler_factory is None:
-            return opt
-        sched = self.lr_scheduler_factory(optimizer=opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
