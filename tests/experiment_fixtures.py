@@ -40,7 +40,7 @@ def _ldm_text(tmp_path: Path) -> list[str]:
 
 
 def overrides_for(experiment: str, tmp_path: Path) -> list[str]:
-    if experiment == "quickstart":
+    if experiment == "quickstart" or experiment.startswith("ablation_"):  # ablations: the quickstart, swept
         return [
             *SMALL_NET,
             "callbacks.class_accuracy.num_per_class=1",

@@ -32,8 +32,7 @@ def _system(net, **kw) -> DiffusionSystem:
         net=net,
         schedule=get_schedule("linear", num_timesteps=1000),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        image_size=4,
-        **kw,
+        **{"image_size": 4, **kw},
     )
 
 
@@ -93,3 +92,41 @@ def test_bad_values_fail_early():
         _system(Recorder(), cond_drop_prob=1.5)
     with pytest.raises(ValueError, match="valid choices"):
         _system(Recorder(), loss_weighting="nope")
+
+
+@pytest.mark.parametrize("switch", [{"compile": True}, {"channels_last": True}])
+def test_speed_switches_keep_the_loss_and_gradients(switch):
+    """model.compile (dynamo, full graph: no graph breaks) and model.channels_last change speed, not values."""
+    from diffusion_lab.nets.unet import UNet
+
+    def net():
+        torch.manual_seed(0)
+        return UNet(in_channels=1, base_channels=16, channel_mult=(1, 2), num_heads=2, num_classes=3)
+
+    opts = {"compile_options": {"backend": "eager", "fullgraph": True}} if "compile" in switch else {}
+    plain, fast = _system(net(), image_size=8), _system(net(), image_size=8, **switch, **opts)
+    fast.configure_model()  # what Lightning calls before fitting
+    assert fast.net._compiled_call_impl is not None if "compile" in switch else True
+    batch = {"image": torch.rand(4, 1, 8, 8) * 2 - 1, "label": torch.tensor([0, 1, 2, 0])}
+    losses = []
+    for system in (plain, fast):
+        g = torch.Generator().manual_seed(3)
+        loss = system.diffusion_step(batch, generator=g)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(plain.net.named_parameters(), fast.net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert list(plain.net.state_dict()) == list(fast.net.state_dict())  # checkpoints keep their keys
+
+
+def test_image_logger_steps_override_keeps_the_sampler():
+    """`callbacks.image_logger.steps`: the run's sampler and options with fewer steps (cheaper previews)."""
+    from diffusion_lab.callbacks.image_logger import ImageLogger
+
+    base = get_sampler("ddim", steps=50, eta=0.5, clip_x0=True)
+    assert ImageLogger(sampler=base).sampler is base
+    preview = ImageLogger(sampler=base, steps=25).sampler
+    assert (preview.name, preview.steps, preview.opts, preview.nfe) == ("ddim", 25, base.opts, 25)
+    with pytest.raises(TypeError, match="registered sampler"):
+        ImageLogger(sampler=lambda *a, **k: None, steps=25)

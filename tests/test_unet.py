@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from diffusion_lab.nets.layers import timestep_embedding
+from diffusion_lab.nets.layers import Upsample, timestep_embedding
 from diffusion_lab.nets.unet import UNet
 
 
@@ -78,3 +79,23 @@ def test_bad_arguments_fail_clearly():
         net(torch.randn(1, 1, 8, 8), torch.tensor([1]), class_labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="context_dim"):
         net(torch.randn(1, 1, 8, 8), torch.tensor([1]), context=torch.randn(1, 2, 4))
+
+
+@pytest.mark.parametrize("size", [1, 3, 8])
+def test_upsample_equals_nearest_interpolation_then_conv(size):
+    """Upsample's transposed-convolution form computes conv3x3(nearest x2) exactly, gradients included."""
+    torch.manual_seed(size)
+    up = Upsample(5)
+    x = torch.randn(2, 5, size, size + 1, dtype=torch.float64, requires_grad=True)
+    up = up.double()
+    out = up(x)
+    ref = F.conv2d(
+        F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1
+    )
+    assert out.shape == (2, 5, 2 * size, 2 * (size + 1))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [x, up.conv.weight, up.conv.bias])
+    ref_grads = torch.autograd.grad((ref * g).sum(), [x, up.conv.weight, up.conv.bias])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

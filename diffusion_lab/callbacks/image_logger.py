@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import averaged_module
+from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.images import save_grid
 
 
@@ -31,10 +33,19 @@ class ImageLogger(Callback):
         seed: int = 0,
         on_train_end: bool = True,
         prompts: list[str] | None = None,
+        steps: int | None = None,
     ) -> None:
         super().__init__()
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if (
+            steps is not None
+        ):  # preview grids with fewer steps than the run's sampler (same sampler otherwise)
+            if not isinstance(sampler, Sampler):
+                raise TypeError(
+                    f"steps= needs a registered sampler (get_sampler), got {type(sampler).__name__}"
+                )
+            sampler = dataclasses.replace(sampler, steps=steps)
         self.sampler = sampler
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples

@@ -10,6 +10,7 @@ inside the workers restart their streams on resume.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,8 +63,8 @@ class ResumableDataLoader(DataLoader):
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> None:
-        if seed is None:
-            seed = torch.initial_seed() % 2**31  # the run's seed after seed_everything: same on every rank
+        if seed is None:  # the run's seed (seed_everything): the same on every rank, so shards never overlap
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % 2**31
         kwargs.pop("shuffle", None)
         super().__init__(
             dataset,

@@ -216,8 +216,9 @@ class AutoencoderSystem(L.LightningModule):
                 }
             )
         self.train_step += 1
-        self.log_dict(logs, prog_bar=False, batch_size=b)
-        self.log("train/psnr", psnr(xrec.detach(), x).mean(), prog_bar=True, batch_size=b)
+        # DDP: means over ranks (a few scalar all-reduces per step; no-ops on one device)
+        self.log_dict(logs, prog_bar=False, batch_size=b, sync_dist=True)
+        self.log("train/psnr", psnr(xrec.detach(), x).mean(), prog_bar=True, batch_size=b, sync_dist=True)
         return loss.detach()
 
     # ----------------------------------------------------------------- validation
@@ -236,7 +237,9 @@ class AutoencoderSystem(L.LightningModule):
             self.val_lpips.update(self.lpips(xrec, x))
             self.log("val/lpips", self.val_lpips, batch_size=b)
         self.log_dict(
-            {"val/rec_loss": rec, "val/kl": kl, "val/loss": nll + self.kl_weight * kl}, batch_size=b
+            {"val/rec_loss": rec, "val/kl": kl, "val/loss": nll + self.kl_weight * kl},
+            batch_size=b,
+            sync_dist=True,
         )
         if batch_idx == 0 and self.num_grid_images > 0:
             n = self.num_grid_images

@@ -43,6 +43,9 @@ class LatentDiffusionSystem(DiffusionSystem):
         autoencoder_ckpt: str,
         text_encoder: TextEncoder | None = None,
         latent_cache: str | None = None,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             net=net,
@@ -54,6 +57,9 @@ class LatentDiffusionSystem(DiffusionSystem):
             loss_weighting_opts=loss_weighting_opts,
             cond_drop_prob=cond_drop_prob,
             image_size=image_size,
+            compile=compile,
+            compile_options=compile_options,
+            channels_last=channels_last,
         )
         self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler", "text_encoder"])
         autoencoder, scale_factor = load_autoencoder(autoencoder_ckpt)

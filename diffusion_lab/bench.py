@@ -1,0 +1,620 @@
+"""Benchmark: our UNet's training step and sampling against diffusers' UNet2DModel at matched size.
+
+`python -m diffusion_lab.bench [--preset quickstart cifar] [--best] [--repeats 7] [--out FILE]`
+
+For each preset both nets are built with the same widths, depth, attention resolutions and
+conditioning (`diffusers_twin`), and in one run, interleaved repeat by repeat, we time:
+- the training step: forward + MSE loss + backward + AdamW step, same batch, same optimizer settings;
+- sampling: DDIM with classifier-free guidance through our sampler (one batched forward per step);
+- activation memory (bytes autograd saves for backward) and, on CUDA, peak allocated memory;
+- FLOPs of one forward + backward (`torch.utils.flop_counter`) and, on a known GPU, MFU.
+Ratios are diffusers' median time over ours (> 1: ours is faster). `--best` turns on bf16 autocast,
+channels_last, torch.compile and fused AdamW for both nets (the GPU comparison "at their best settings").
+Ours also runs as the framework trains it (`DiffusionSystem.diffusion_step`), and the quickstart's data
+loader is timed against the step, so a starving loader shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_lab.nets.unet import UNet
+
+# Dense peak FLOP/s by device-name fragment and compute dtype (vendor data sheets, no sparsity).
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM; PCIe is ~25% lower
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark size: the UNet's constructor arguments plus batch sizes per device."""
+
+    name: str
+    image_size: int
+    unet: dict[str, Any]
+    batch_cpu: int
+    batch_gpu: int
+    sample_steps: int = 10
+    sample_batch_cpu: int = 32
+    sample_batch_gpu: int = 256
+
+
+PRESETS: dict[str, Preset] = {
+    # the quickstart's net (conf/model/net/unet_small.yaml) on 16x16 digits, class-conditional
+    "quickstart": Preset(
+        name="quickstart",
+        image_size=16,
+        unet=dict(
+            in_channels=1,
+            base_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_heads=4,
+            num_classes=10,
+        ),
+        batch_cpu=64,
+        batch_gpu=256,
+    ),
+    # the DDPM CIFAR-10 net (conf/model/net/unet.yaml: 35.7M parameters), unconditional, 32x32
+    "cifar": Preset(
+        name="cifar",
+        image_size=32,
+        unet=dict(
+            in_channels=3,
+            base_channels=128,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attention_levels=(1,),
+            num_heads=4,
+            num_classes=None,
+        ),
+        batch_cpu=8,
+        batch_gpu=128,
+        sample_batch_cpu=8,
+    ),
+    # a tiny size for tests
+    "tiny": Preset(
+        name="tiny",
+        image_size=8,
+        unet=dict(
+            in_channels=1,
+            base_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_heads=2,
+            num_classes=3,
+            norm_groups=8,
+        ),
+        batch_cpu=4,
+        batch_gpu=4,
+        sample_steps=2,
+        sample_batch_cpu=2,
+        sample_batch_gpu=2,
+    ),
+}
+
+
+# ------------------------------------------------------------------ the matched diffusers net
+def diffusers_twin(unet: dict[str, Any]) -> nn.Module:
+    """diffusers' UNet2DModel with our UNet's widths, depth, attention levels, heads and class embedding."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:  # the `dev` extra installs it
+        raise SystemExit("error: the benchmark compares against diffusers: pip install diffusers") from e
+    mult = tuple(unet["channel_mult"])
+    widths = tuple(unet["base_channels"] * m for m in mult)
+    attn = set(unet.get("attention_levels", ()))
+    heads = unet.get("num_heads", 4)
+    if len({widths[i] // heads for i in attn} | {widths[-1] // heads}) != 1:
+        raise ValueError("diffusers takes one attention_head_dim: attention widths / num_heads must agree")
+    classes = unet.get("num_classes")
+    return UNet2DModel(
+        sample_size=None,
+        in_channels=unet["in_channels"],
+        out_channels=unet.get("out_channels") or unet["in_channels"],
+        block_out_channels=widths,
+        layers_per_block=unet["num_res_blocks"],  # diffusers' up blocks add one, as ours do
+        down_block_types=tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(mult))),
+        up_block_types=tuple(
+            "AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(len(mult)))
+        ),
+        attention_head_dim=widths[-1] // heads,
+        norm_num_groups=unet.get("norm_groups", 32),
+        attn_norm_num_groups=unet.get("norm_groups", 32),  # ours normalises before the middle attention too
+        norm_eps=1e-6,
+        resnet_time_scale_shift="scale_shift" if unet.get("scale_shift", True) else "default",
+        num_class_embeds=None if classes is None else classes + 1,  # + the CFG null class
+        flip_sin_to_cos=True,  # [cos, sin] like ours
+        freq_shift=0,
+        downsample_padding=1,
+        dropout=unet.get("dropout", 0.0),
+    )
+
+
+class DiffusersAsOurs(nn.Module):
+    """Call a diffusers UNet2DModel with our net contract `net(x_t, t, class_labels=...)`."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, class_labels=None, **_):
+        return self.net(x, t, class_labels=class_labels).sample
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# ------------------------------------------------------------------ timing
+@dataclass
+class Settings:
+    """What a run turns on (for both nets alike)."""
+
+    device: torch.device
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    fused_adam: bool = False
+
+    def describe(self) -> str:
+        on = [n for n in ("bf16", "channels_last", "compile", "fused_adam") if getattr(self, n)]
+        return ", ".join(on) or "fp32 eager"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(s: Settings):
+    if s.bf16:
+        return torch.autocast(device_type=s.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Contender:
+    """One net set up for timing: its train step, sampling call and measurements."""
+
+    name: str
+    net: nn.Module
+    step: Callable[[], None]
+    train_times: list[float] = field(default_factory=list)
+    train_cpu_times: list[float] = field(default_factory=list)
+    sample_times: list[float] = field(default_factory=list)
+
+
+def make_batch(preset: Preset, batch: int, s: Settings, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c, n = preset.unet["in_channels"], preset.image_size
+    out = {
+        "x": torch.randn(batch, c, n, n, generator=g),
+        "t": torch.randint(0, 1000, (batch,), generator=g),
+        "target": torch.randn(batch, c, n, n, generator=g),
+    }
+    if preset.unet.get("num_classes"):
+        out["class_labels"] = torch.randint(0, preset.unet["num_classes"] + 1, (batch,), generator=g)
+    out = {k: v.to(s.device) for k, v in out.items()}
+    if s.channels_last:
+        out["x"] = out["x"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def prepare(net: nn.Module, s: Settings) -> nn.Module:
+    net = net.to(s.device)
+    if s.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if s.compile:
+        net.compile()  # in place: parameter names (and checkpoints) unchanged
+    return net
+
+
+def train_step_fn(net: nn.Module, batch: dict[str, torch.Tensor], s: Settings) -> Callable[[], None]:
+    """forward + MSE + backward + AdamW step, the unit the comparison times."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-3, fused=s.fused_adam or None)
+    cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+
+    def step() -> None:
+        with _autocast(s):
+            out = net(batch["x"], batch["t"], **cond)
+            loss = F.mse_loss(out.float(), batch["target"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    _sync(device)
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward during `fn` (the training step's activation memory)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.requires_grad and t.grad_fn is None and t.is_leaf:  # parameters are not activations
+            return t
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.float().mean().backward()
+    return sum(seen.values())
+
+
+def count_flops(net: nn.Module, batch: dict[str, torch.Tensor], s: Settings) -> int:
+    """FLOPs of one forward + backward, counted by torch.utils.flop_counter (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+    counter = FlopCounterMode(display=False)
+    with counter, _autocast(s):
+        net(batch["x"], batch["t"], **cond).float().mean().backward()
+    net.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def peak_flops(device: torch.device, s: Settings) -> float | None:
+    """The device's dense peak FLOP/s for the compute dtype, when known (GPUs in PEAK_FLOPS)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    dtype = "bf16" if s.bf16 else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table[dtype]
+    return None
+
+
+# ------------------------------------------------------------------ one preset
+def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, sampling: bool = True) -> dict:
+    from diffusion_lab.diffusion import get_sampler
+    from diffusion_lab.diffusion.schedules import get_schedule
+
+    gpu = s.device.type == "cuda"
+    batch_size = preset.batch_gpu if gpu else preset.batch_cpu
+    batch = make_batch(preset, batch_size, s)
+    torch.manual_seed(0)
+    ours = UNet(**preset.unet)
+    theirs = DiffusersAsOurs(diffusers_twin(preset.unet))
+    n_ours, n_theirs = count_params(ours), count_params(theirs)
+    flops = {
+        "ours": count_flops(copy.deepcopy(ours).to(s.device), batch, s),
+        "diffusers": count_flops(copy.deepcopy(theirs).to(s.device), batch, s),
+    }
+    acts = {}
+    for name, net in (("ours", ours), ("diffusers", theirs)):
+        probe = copy.deepcopy(net).to(s.device)
+        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+        with _autocast(s):
+            acts[name] = activation_bytes(
+                lambda probe=probe, cond=cond: probe(batch["x"], batch["t"], **cond)
+            )
+    contenders = []
+    for name, net in (("ours", ours), ("diffusers", theirs)):
+        net = prepare(net, s)
+        contenders.append(Contender(name, net, train_step_fn(net, batch, s)))
+
+    peak_mem = {}
+    for c in contenders:  # warm-up (and compilation) outside the timed repeats
+        if gpu:  # this net's step: activations, gradients, optimizer state, above what was resident
+            _sync(s.device)
+            torch.cuda.reset_peak_memory_stats(s.device)
+            resident = torch.cuda.memory_allocated(s.device)
+        for _ in range(warmup):
+            c.step()
+        _sync(s.device)
+        if gpu:
+            peak_mem[c.name] = torch.cuda.max_memory_allocated(s.device) - resident
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        for c in contenders:
+            wall, cpu = time_call(c.step, s.device)
+            c.train_times.append(wall)
+            c.train_cpu_times.append(cpu)
+
+    out: dict[str, Any] = {
+        "preset": preset.name,
+        "image_size": preset.image_size,
+        "batch_size": batch_size,
+        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.unet.items()},
+        "params": {"ours": n_ours, "diffusers": n_theirs},
+        "params_rel_diff": (n_ours - n_theirs) / n_theirs,
+        "flops_train_step": flops,
+        "activation_bytes": acts,
+    }
+    if peak_mem:
+        out["peak_memory_bytes"] = peak_mem
+    med = {c.name: statistics.median(c.train_times) for c in contenders}
+    out["train_step_s"] = {c.name: _stats(c.train_times) for c in contenders}
+    out["train_step_cpu_s"] = {c.name: _stats(c.train_cpu_times) for c in contenders}
+    out["train_images_per_s"] = {k: batch_size / v for k, v in med.items()}
+    out["train_speed_ratio"] = med["diffusers"] / med["ours"]
+    out["train_speed_ratio_cpu_time"] = statistics.median(contenders[1].train_cpu_times) / statistics.median(
+        contenders[0].train_cpu_times
+    )
+    peak = peak_flops(s.device, s)
+    if peak:
+        out["mfu"] = {k: flops[k] / med[k] / peak for k in med}
+        out["peak_flops"] = peak
+    out["achieved_tflops"] = {k: flops[k] / med[k] / 1e12 for k in med}
+
+    if sampling:  # DDIM + CFG through our sampler: one batched forward of 2B per step
+        schedule = get_schedule("linear", num_timesteps=1000)
+        sampler = get_sampler("ddim", steps=preset.sample_steps)
+        n = preset.sample_batch_gpu if gpu else preset.sample_batch_cpu
+        g = torch.Generator().manual_seed(1)
+        x_T = torch.randn(n, preset.unet["in_channels"], preset.image_size, preset.image_size, generator=g)
+        x_T = x_T.to(s.device)
+        cond = uncond = None
+        scale = 1.0
+        if preset.unet.get("num_classes"):
+            k = preset.unet["num_classes"]
+            cond = {"class_labels": torch.arange(n, device=s.device) % k}
+            uncond = {"class_labels": torch.full((n,), k, device=s.device)}
+            scale = 3.0
+        calls = {}
+        for c in contenders:
+            c.net.eval()
+            counted = _CallCounter(c.net)
+
+            def run(counted=counted):
+                with torch.inference_mode(), _autocast(s):
+                    sampler(counted, x_T, schedule, cond=cond, uncond=uncond, guidance_scale=scale)
+
+            run()  # warm-up
+            counted.calls = 0
+            for _ in range(max(1, repeats // 2)):
+                c.sample_times.append(time_call(run, s.device)[0])
+            calls[c.name] = counted.calls / max(1, repeats // 2) / preset.sample_steps
+        smed = {c.name: statistics.median(c.sample_times) for c in contenders}
+        out["sampling"] = {
+            "sampler": f"ddim {preset.sample_steps} steps, guidance {scale}",
+            "batch": n,
+            "images_per_s": {k: n / v for k, v in smed.items()},
+            "forward_calls_per_step": calls,
+            "speed_ratio": smed["diffusers"] / smed["ours"],
+        }
+    return out
+
+
+class _CallCounter(nn.Module):
+    """Counts forward calls of a net (CFG must cost one batched call per step)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+# ------------------------------------------------------------------ the framework's own step and loader
+def bench_framework(s: Settings, *, repeats: int, warmup: int) -> dict:
+    """The quickstart as trained: DiffusionSystem.diffusion_step + AdamW, and its data loader's rate."""
+    from diffusion_lab.data.digits import DigitsDataModule
+    from diffusion_lab.diffusion.schedules import get_schedule
+    from diffusion_lab.systems.diffusion import DiffusionSystem
+
+    preset = PRESETS["quickstart"]
+    dm = DigitsDataModule(image_size=16, batch_size=preset.batch_gpu if s.device.type == "cuda" else 64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    batch = {k: v.to(s.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
+    system = DiffusionSystem(
+        net=prepare(UNet(**preset.unet), s),
+        schedule=get_schedule("linear"),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-3),
+        image_size=16,
+    ).to(s.device)
+    opt = torch.optim.AdamW(system.parameters(), lr=2e-3, weight_decay=1e-3, fused=s.fused_adam or None)
+
+    def step():
+        with _autocast(s):
+            loss = system.diffusion_step(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    steps = [time_call(step, s.device)[0] for _ in range(repeats)]
+    n_batches, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 1.0:  # batches the loader delivers per second
+        try:
+            next(it)
+        except StopIteration:
+            it = iter(loader)
+        n_batches += 1
+    loader_rate = n_batches / (time.perf_counter() - start)
+    step_rate = 1.0 / statistics.median(steps)
+    return {
+        "system_step_s": _stats(steps),
+        "steps_per_s": step_rate,
+        "loader_batches_per_s": loader_rate,
+        "loader_headroom": loader_rate / step_rate,  # > 1: the loader never starves the step
+    }
+
+
+# ------------------------------------------------------------------ entry point
+def run(
+    presets: list[str],
+    s: Settings,
+    *,
+    repeats: int,
+    warmup: int,
+    framework: bool = True,
+    sampling: bool = True,
+) -> dict:
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise SystemExit(f"error: unknown preset {unknown}; valid choices: {', '.join(PRESETS)}")
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(s.device)
+        if s.device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": s.describe(),
+        "repeats": repeats,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "presets": [],
+    }
+    try:
+        import diffusers
+
+        result["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    for name in presets:
+        print(f"[bench] {name}: timing ours vs diffusers ({s.describe()}, {repeats} repeats) ...", flush=True)
+        result["presets"].append(
+            bench_preset(PRESETS[name], s, repeats=repeats, warmup=warmup, sampling=sampling)
+        )
+    if framework:
+        print("[bench] framework: DiffusionSystem step and data loader ...", flush=True)
+        result["framework"] = bench_framework(s, repeats=repeats, warmup=warmup)
+    result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A markdown table of the result (the README and closing notes paste it)."""
+    lines = [
+        f"device: {result['device']} | torch {result['torch']} | diffusers {result.get('diffusers', '?')} | "
+        f"threads {result['threads']} | {result['settings']} | median of {result['repeats']} repeats",
+        "",
+        "| preset | batch | params ours / diffusers | train step ours | diffusers | speed ratio | "
+        "GFLOP/step ours / diffusers | activations MiB ours / diffusers | sampling img/s ours / diffusers | MFU ours / diffusers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["presets"]:
+        t = p["train_step_s"]
+        act = p["activation_bytes"]
+        samp = p.get("sampling")
+        s_txt = (
+            f"{samp['images_per_s']['ours']:.1f} / {samp['images_per_s']['diffusers']:.1f}" if samp else "-"
+        )
+        mfu = p.get("mfu")
+        m_txt = f"{mfu['ours']:.1%} / {mfu['diffusers']:.1%}" if mfu else "-"
+        lines.append(
+            f"| {p['preset']} {p['image_size']}px | {p['batch_size']} | "
+            f"{p['params']['ours'] / 1e6:.2f}M / {p['params']['diffusers'] / 1e6:.2f}M ({p['params_rel_diff']:+.1%}) | "
+            f"{t['ours']['median'] * 1e3:.1f} ms | {t['diffusers']['median'] * 1e3:.1f} ms | "
+            f"**{p['train_speed_ratio']:.2f}x** | "
+            f"{p['flops_train_step']['ours'] / 1e9:.1f} / {p['flops_train_step']['diffusers'] / 1e9:.1f} | "
+            f"{act['ours'] / 2**20:.0f} / {act['diffusers'] / 2**20:.0f} | {s_txt} | {m_txt} |"
+        )
+    fw = result.get("framework")
+    if fw:
+        lines += [
+            "",
+            f"framework quickstart step (DiffusionSystem.diffusion_step + AdamW): "
+            f"{fw['system_step_s']['median'] * 1e3:.1f} ms; data loader {fw['loader_batches_per_s']:.0f} batches/s "
+            f"= {fw['loader_headroom']:.0f}x the step rate",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion_lab.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--preset", nargs="+", default=None, help=f"sizes to run: {', '.join(PRESETS)}")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per net (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both nets")
+    parser.add_argument("--fused-adam", action="store_true")
+    parser.add_argument(
+        "--best", action="store_true", help="all of bf16, channels_last, compile, fused AdamW"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-sampling", action="store_true")
+    parser.add_argument("--no-framework", action="store_true")
+    parser.add_argument("--out", default="outputs/bench/bench.json", help="JSON file (a .md table beside it)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    s = Settings(
+        device=device,
+        bf16=args.bf16 or args.best,
+        channels_last=args.channels_last or args.best,
+        compile=args.compile or args.best,
+        fused_adam=args.fused_adam or args.best,
+    )
+    presets = args.preset or (["quickstart", "cifar"])
+    result = run(
+        presets,
+        s,
+        repeats=args.repeats,
+        warmup=args.warmup + (3 if s.compile else 0),
+        framework=not args.no_framework,
+        sampling=not args.no_sampling,
+    )
+    result["command"] = "python -m diffusion_lab.bench " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    table = format_table(result)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"[bench] wrote {out} and {out.with_suffix('.md')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,575 @@
+"""Report entry point: `python -m diffusion_lab.report DIR [DIR ...] [--out OUT]` -> one table + plots across runs.
+
+DIR is a Hydra multirun folder (`multirun/<date>/`), a training run folder, or an evaluate folder; run folders
+are found below it (a `.hydra/overrides.yaml` or a `summary.json`), evaluate folders by their `metrics.csv`
+(one row per sampler x steps x guidance). Each run is named by the overrides that set it apart from the other
+runs (the ones all runs share and `hydra.*` / `paths.*` are left out). Writes into OUT (default: DIR):
+
+  report.md            the runs table (summary.json's numbers per run) and, when present, the evaluations
+  report.csv           the same runs table, with one column per distinguishing override key
+  report_eval.csv      every evaluate row, tagged with its run (only when evaluate folders were found)
+  loss_curves.png      training (and validation) loss against step from each run's csv/metrics.csv
+  final_metrics.png    one bar chart per summary metric that differs between runs
+  metrics_vs_nfe.png   evaluate metrics against NFE: colour = run, marker = sampler (with evaluations)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+EXCLUDED_KEY_PREFIXES = ("hydra", "paths")  # where a run writes is no part of what it is
+SKIP_DIRS = {"checkpoints", "samples", "wandb", "tensorboard", "csv", "features", "__pycache__"}
+EVAL_KEYS = ("sampler", "steps", "nfe", "guidance_scale")
+SUMMARY_FIRST = ("final_train_loss", "final_val_loss", "class_accuracy")
+NOT_BARS = {"steps", "epochs"}  # bookkeeping, not results
+LOSS_COLUMNS = ("train/loss", "val/loss")
+
+
+class ReportError(ValueError):
+    """Nothing to report, or an input that is not what it should be (one line)."""
+
+
+@dataclass
+class Run:
+    """One training run folder."""
+
+    path: Path
+    overrides: list[str]
+    summary: dict[str, Any] | None
+    label: str = ""  # its distinguishing overrides (set once every run is known)
+    varying: dict[str, str] = field(default_factory=dict)  # distinguishing override key -> value
+
+
+@dataclass
+class Evaluation:
+    """One evaluate output folder (`metrics.csv`), with the run it evaluated when that run is in the report."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    run: Run | None = None
+    label: str = ""
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def _natural_key(path: Path) -> list:
+    """Sort `2_x` before `10_x` (Hydra job numbers)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _is_run(d: Path) -> bool:
+    return (d / ".hydra" / "overrides.yaml").is_file() or (d / "summary.json").is_file()
+
+
+def _is_eval(d: Path) -> bool:
+    f = d / "metrics.csv"
+    if not f.is_file():
+        return False
+    with open(f, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return all(k in header for k in ("sampler", "nfe"))
+
+
+def find_folders(root: Path) -> tuple[list[Path], list[Path]]:
+    """(run folders, evaluate folders) at or below `root`."""
+    runs, evals = [], []
+    for d, subdirs, _ in os.walk(root):
+        d = Path(d)
+        subdirs[:] = sorted(s for s in subdirs if s not in SKIP_DIRS and not s.startswith("."))
+        if _is_run(d):
+            runs.append(d)
+        if _is_eval(d):
+            evals.append(d)
+    return sorted(runs, key=_natural_key), sorted(evals, key=_natural_key)
+
+
+def read_run(path: Path) -> Run:
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = (
+        [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
+        if overrides_file.is_file()
+        else []
+    )
+    summary_file = path / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    return Run(path=path, overrides=overrides, summary=summary)
+
+
+def _number(value: str) -> Any:
+    """A CSV cell as int / float when it is one ('' -> None)."""
+    if value is None or value == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def read_eval(path: Path) -> Evaluation:
+    with open(path / "metrics.csv", newline="") as fh:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    return Evaluation(path=path, rows=rows)
+
+
+# ------------------------------------------------------------------------------------------ naming
+def _split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _excluded(key: str) -> bool:
+    return any(key == p or key.startswith((p + ".", p + "/")) for p in EXCLUDED_KEY_PREFIXES)
+
+
+def name_runs(runs: list[Run], root: Path | None) -> None:
+    """Label each run by the overrides not shared by all runs (falls back to its folder name)."""
+    parsed = [{k: v for k, v in map(_split_override, r.overrides) if not _excluded(k)} for r in runs]
+    keys: list[str] = []
+    for p in parsed:
+        keys += [k for k in p if k not in keys]
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1] if len(runs) > 1 else []
+    for run, p in zip(runs, parsed):
+        run.varying = {k: p.get(k, "") for k in varying}
+        run.label = ", ".join(f"{k}={p[k]}" for k in varying if k in p) or _folder_name(run.path, root)
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+    for run in runs:  # identical overrides (a repeated run): the folder tells them apart
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({_folder_name(run.path, root)})"
+
+
+def _folder_name(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            rel = path.resolve().relative_to(root.resolve())
+            if str(rel) != ".":
+                return str(rel)
+        except ValueError:
+            pass
+    return path.name
+
+
+def attach_evaluations(evals: list[Evaluation], runs: list[Run], root: Path | None) -> None:
+    """Give each evaluation the run that holds it (`<run>/eval`) or whose checkpoint it scored (eval.json)."""
+    by_path = {r.path.resolve(): r for r in runs}
+    for ev in evals:
+        candidates = [ev.path.resolve(), *ev.path.resolve().parents]
+        info = ev.path / "eval.json"
+        if info.is_file():
+            ckpt = json.loads(info.read_text()).get("ckpt")
+            if ckpt:  # <run>/checkpoints/x.ckpt
+                candidates.insert(0, Path(ckpt).resolve().parent.parent)
+        ev.run = next((by_path[c] for c in candidates if c in by_path), None)
+    for ev in evals:
+        siblings = [e for e in evals if e.run is ev.run]
+        if ev.run is None:
+            ev.label = _folder_name(ev.path, root)
+        elif len(siblings) > 1:
+            ev.label = f"{ev.run.label} [{ev.path.name}]"
+        else:
+            ev.label = ev.run.label
+
+
+# ------------------------------------------------------------------------------------------ tables
+def summary_columns(runs: list[Run]) -> list[str]:
+    """The numeric scalar entries of summary.json that some run has a value for."""
+    cols: list[str] = []
+    for run in runs:
+        for k, v in (run.summary or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in cols:
+                cols.append(k)
+        for k, v in (run.summary or {}).items():  # a null metric in one run may be a number in another
+            if v is None and k not in cols and any(_is_num((r.summary or {}).get(k)) for r in runs):
+                cols.append(k)
+    first = [c for c in SUMMARY_FIRST if c in cols]
+    return first + [c for c in cols if c not in first]
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _md_cell(v: Any) -> str:
+    return _fmt(v).replace("|", "\\|")
+
+
+def run_rows(runs: list[Run], columns: list[str], root: Path | None) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {
+            "run": run.label,
+            "folder": _folder_name(run.path, root),
+            "status": "done" if run.summary is not None else "no summary.json",
+        }
+        row.update(run.varying)
+        row.update({c: (run.summary or {}).get(c) for c in columns})
+        rows.append(row)
+    return rows
+
+
+def eval_rows(evals: list[Evaluation]) -> list[dict[str, Any]]:
+    return [{"run": ev.label, **row} for ev in evals for row in ev.rows]
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return lines
+
+
+def write_markdown(
+    path: Path,
+    *,
+    sources: list[Path],
+    runs: list[Run],
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    erows: list[dict[str, Any]],
+    plots: list[Path],
+) -> None:
+    common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)] if runs else []
+    lines = ["# Report", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
+    if runs:
+        lines += [f"{len(runs)} run(s)."]
+        if common and len(runs) > 1:
+            lines += ["Overrides shared by every run: " + " ".join(f"`{o}`" for o in common)]
+        lines += ["", "## Runs", ""]
+        lines += markdown_table(rows, ["run", *columns, "folder"])
+        lines += [
+            "",
+            "Values are each run's `summary.json` (`final_train_loss` is the last step's loss). Losses of "
+            "different prediction types or loss weightings are on different scales: compare quality metrics.",
+        ]
+    if erows:
+        ecols: list[str] = []
+        for r in erows:
+            ecols += [k for k in r if k not in ecols]
+        lines += ["", "## Evaluations", ""] + markdown_table(erows, ecols)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ plots
+def read_curves(run: Run) -> dict[str, list[tuple[int, float]]]:
+    """{column: [(step, value), ...]} for the loss columns of the run's CSV logs (last value per step wins)."""
+    curves: dict[str, dict[int, float]] = {}
+    for f in sorted(run.path.glob("csv/**/metrics.csv")):
+        with open(f, newline="") as fh:
+            for row in csv.DictReader(fh):
+                step = _number(row.get("step"))
+                for col in LOSS_COLUMNS:
+                    value = _number(row.get(col))
+                    if isinstance(step, int) and _is_num(value):
+                        curves.setdefault(col, {})[step] = float(value)
+    return {k: sorted(v.items()) for k, v in curves.items()}
+
+
+def _smooth(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha**i))
+    return out
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _legend_outside(ax, handles=None, labels=None, title=None) -> None:
+    kw = {"handles": handles, "labels": labels} if handles is not None else {}
+    ax.legend(
+        **kw, title=title, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False
+    )
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global backend state
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_loss_curves(runs: list[Run], path: Path) -> Path | None:
+    curves = {run.label: read_curves(run) for run in runs}
+    columns = [c for c in LOSS_COLUMNS if any(c in cv for cv in curves.values())]
+    if not columns:
+        return None
+    fig = _figure(7.5 + 0.05 * max(len(r.label) for r in runs), 3.6 * len(columns))
+    axes = fig.subplots(len(columns), 1, squeeze=False).ravel()
+    colors = _colors(len(runs))
+    for ax, col in zip(axes, columns):
+        for color, run in zip(colors, runs):
+            pts = curves[run.label].get(col)
+            if not pts:
+                continue
+            steps, values = zip(*pts)
+            if smoothed := (col == "train/loss" and len(values) > 20):  # raw (faint) + smoothed
+                ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+                ax.plot(steps, _smooth(list(values), 0.9), color=color, label=run.label, linewidth=1.6)
+            else:
+                ax.plot(steps, values, color=color, label=run.label, marker="o" if len(values) < 20 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(col)
+        ax.set_title(col + (" (EMA 0.9 smoothed; raw faint)" if smoothed else ""), fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+        _legend_outside(ax)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_final_metrics(runs: list[Run], columns: list[str], path: Path) -> Path | None:
+    """One horizontal bar chart per summary metric whose value differs between runs (all of them for one run)."""
+    metrics = []
+    for c in columns:
+        values = [(run.summary or {}).get(c) for run in runs]
+        if c in NOT_BARS or not any(_is_num(v) for v in values):
+            continue
+        if len(runs) > 1 and len({v for v in values if _is_num(v)}) < 2:
+            continue  # the same for every run: nothing to compare
+        metrics.append(c)
+    if not metrics:
+        return None
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    label_width = max(len(r.label) for r in runs)
+    fig = _figure(max(9.0, ncols * (2.6 + 0.065 * label_width)), nrows * (1.0 + 0.42 * len(runs)))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = _colors(len(runs))
+    y = list(range(len(runs)))
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
+        values = [(run.summary or {}).get(metric) for run in runs]
+        nums = [float(v) if _is_num(v) else 0.0 for v in values]
+        ax.barh(y, nums, color=colors)
+        for yi, v in zip(y, values):
+            ax.text(
+                (v if _is_num(v) else 0.0),
+                yi,
+                " " + _fmt(v) if _is_num(v) else " n/a",
+                va="center",
+                fontsize="x-small",
+            )
+        ax.set_yticks(y, [r.label for r in runs] if i % ncols == 0 else [""] * len(runs), fontsize="small")
+        ax.invert_yaxis()  # first run on top, as in the table
+        ax.set_title(metric, fontsize="medium")
+        ax.margins(x=0.25)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def eval_metric_columns(erows: list[dict[str, Any]]) -> list[str]:
+    skip = {"run", *EVAL_KEYS, "num_samples", "seed", "sample_seconds"}
+    cols: list[str] = []
+    for r in erows:
+        cols += [
+            k
+            for k, v in r.items()
+            if k not in skip and k not in cols and not k.endswith("_std") and _is_num(v)
+        ]
+    return cols
+
+
+def plot_metrics_vs_nfe(erows: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per metric against NFE (log axis): colour = run, marker / line style = sampler."""
+    from matplotlib.lines import Line2D
+
+    metrics = eval_metric_columns(erows)
+    rows = [r for r in erows if _is_num(r.get("nfe")) and r["nfe"] > 0]
+    if not metrics or not rows:
+        return None
+    refs = [r for r in erows if r.get("nfe") == 0]
+    labels = list(dict.fromkeys(r["run"] for r in rows))
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    guidance = sorted({r.get("guidance_scale") for r in rows}, key=lambda g: (g is None, g))
+    colors = dict(zip(labels, _colors(len(labels))))
+    markers = dict(zip(samplers, "osD^vP*Xh<>"[: len(samplers)] * (1 + len(samplers) // 11)))
+    styles = dict(zip(guidance, ["-", "--", ":", "-."] * (1 + len(guidance) // 4)))
+    nfes = sorted({r["nfe"] for r in rows})
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig = _figure(4.3 * ncols + 3.5, 3.4 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics):
+        for label in labels:
+            for s in samplers:
+                for g in guidance:
+                    pts = sorted(
+                        (r["nfe"], r[metric])
+                        for r in rows
+                        if r["run"] == label
+                        and r["sampler"] == s
+                        and r.get("guidance_scale") == g
+                        and _is_num(r.get(metric))
+                    )
+                    if pts:
+                        ax.plot(
+                            *zip(*pts),
+                            color=colors[label],
+                            marker=markers[s],
+                            linestyle=styles[g],
+                            markersize=4,
+                        )
+        for value in dict.fromkeys(round(float(r[metric]), 6) for r in refs if _is_num(r.get(metric))):
+            ax.axhline(value, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.minorticks_off()
+        ax.set_xlabel("NFE")
+        ax.set_title(metric, fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=colors[lb], linewidth=2) for lb in labels]
+    handles += [Line2D([], [], color="black", marker=markers[s], linestyle="none") for s in samplers]
+    names = [*labels, *samplers]
+    if len(guidance) > 1:
+        handles += [Line2D([], [], color="black", linestyle=styles[g]) for g in guidance]
+        names += [f"guidance {g:g}" if _is_num(g) else "guidance -" for g in guidance]
+    if refs:
+        handles.append(Line2D([], [], color="grey", linestyle="--"))
+        names.append("real images (reference)")
+    _legend_outside(axes[ncols - 1], handles, names)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ the report
+def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
+    """Gather runs and evaluations below `dirs`, write the tables and plots into `out`; return what was written."""
+    sources = [Path(d) for d in dirs]
+    if not sources:
+        raise ReportError("give at least one folder: a multirun folder, run folders or evaluate folders")
+    runs_paths: list[Path] = []
+    eval_paths: list[Path] = []
+    for src in sources:
+        if not src.is_dir():
+            raise ReportError(f"not a folder: {src}")
+        r, e = find_folders(src)
+        runs_paths += [p for p in r if p not in runs_paths]
+        eval_paths += [p for p in e if p not in eval_paths]
+    if not runs_paths and not eval_paths:
+        raise ReportError(
+            f"no runs under {', '.join(map(str, sources))}: expected run folders (with .hydra/overrides.yaml or "
+            "summary.json, as diffusion_lab.train writes) or evaluate folders (metrics.csv)"
+        )
+    root = sources[0] if len(sources) == 1 else _common_root(sources)
+    out_dir = Path(out) if out is not None else (sources[0] if len(sources) == 1 else Path("report"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"cannot write the output folder {out_dir}: {e.strerror}") from e
+
+    runs = [read_run(p) for p in runs_paths]
+    name_runs(runs, root)
+    evals = [read_eval(p) for p in eval_paths]
+    attach_evaluations(evals, runs, root)
+    columns = summary_columns(runs)
+    rows = run_rows(runs, columns, root)
+    erows = eval_rows(evals)
+
+    written: dict[str, Any] = {"runs": len(runs), "evaluations": len(evals), "out": str(out_dir)}
+    files = []
+    plots = []
+    if runs:
+        write_csv(rows, out_dir / "report.csv")
+        files.append(out_dir / "report.csv")
+        plots += [
+            plot_loss_curves(runs, out_dir / "loss_curves.png"),
+            plot_final_metrics(runs, columns, out_dir / "final_metrics.png"),
+        ]
+    if erows:
+        write_csv(erows, out_dir / "report_eval.csv")
+        files.append(out_dir / "report_eval.csv")
+        plots.append(plot_metrics_vs_nfe(erows, out_dir / "metrics_vs_nfe.png"))
+    plots = [p for p in plots if p is not None]
+    write_markdown(
+        out_dir / "report.md",
+        sources=sources,
+        runs=runs,
+        rows=rows,
+        columns=columns,
+        erows=erows,
+        plots=plots,
+    )
+    files = [out_dir / "report.md", *files, *plots]
+    written.update({"files": [str(f) for f in files], "rows": rows, "eval_rows": erows})
+    return written
+
+
+def _common_root(paths: Iterable[Path]) -> Path | None:
+    try:
+        return Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+    except ValueError:
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m diffusion_lab.report",
+        description="One table and plots across training runs (a Hydra multirun folder or run folders) "
+        "and their evaluate outputs.",
+    )
+    ap.add_argument("dirs", nargs="+", metavar="DIR", help="multirun folder, run folders or evaluate folders")
+    ap.add_argument("--out", default=None, help="output folder (default: DIR; ./report for several DIRs)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = report(args.dirs, args.out)
+    except (ReportError, OSError, ValueError) as e:
+        if os.environ.get("DIFFUSION_LAB_TRACEBACK", "0") not in ("", "0"):
+            raise
+        log.error("error: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        sys.exit(1)
+    log.info(
+        "report: %d run(s), %d evaluation(s) -> %s",
+        result["runs"],
+        result["evaluations"],
+        ", ".join(result["files"]),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The benchmark: a matched diffusers twin, FLOP and memory accounting, and the JSON / table it writes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+
+from diffusion_lab import bench  # noqa: E402
+from diffusion_lab.nets.unet import UNet  # noqa: E402
+
+
+def _layers(net: nn.Module) -> Counter:
+    return Counter(type(m).__name__ for m in net.modules() if isinstance(m, nn.Conv2d | nn.GroupNorm))
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "cifar", "tiny"])
+def test_diffusers_twin_matches_our_unet(preset):
+    """Same convolutions and norms, layer for layer, and parameter counts within 0.5% (attention biases)."""
+    kw = bench.PRESETS[preset].unet
+    ours, twin = UNet(**kw), bench.diffusers_twin(kw)
+    assert _layers(ours) == _layers(twin)
+    conv_shapes = sorted(tuple(m.weight.shape) for m in ours.modules() if isinstance(m, nn.Conv2d))
+    assert conv_shapes == sorted(tuple(m.weight.shape) for m in twin.modules() if isinstance(m, nn.Conv2d))
+    n_ours, n_twin = bench.count_params(ours), bench.count_params(twin)
+    assert abs(n_ours - n_twin) / n_twin < 0.005
+    x, t = torch.randn(2, kw["in_channels"], 16, 16), torch.tensor([3, 700])
+    cond = {"class_labels": torch.tensor([0, 1])} if kw.get("num_classes") else {}
+    assert bench.DiffusersAsOurs(twin)(x, t, **cond).shape == ours(x, t, **cond).shape
+
+
+def test_activation_bytes_counts_saved_tensors():
+    """A linear layer saves its input for the weight gradient: exactly that tensor's bytes."""
+    lin = nn.Linear(8, 4)
+    x = torch.randn(16, 8)
+    assert bench.activation_bytes(lambda: lin(x)) == 16 * 8 * 4
+
+
+def test_bench_writes_json_and_table(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--preset", "tiny", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["presets"][0]["preset"] == "tiny" == result["presets"][0]["preset"]
+    p = saved["presets"][0]
+    for key in ("ours", "diffusers"):
+        assert p["train_step_s"][key]["n"] == 2 and p["train_step_s"][key]["median"] > 0
+        assert p["sampling"]["forward_calls_per_step"][key] == 1.0  # CFG: one batched forward per step
+    ratio = p["train_step_s"]["diffusers"]["median"] / p["train_step_s"]["ours"]["median"]
+    assert p["train_speed_ratio"] == pytest.approx(ratio)
+    # the transposed-convolution upsampling does 16 instead of 36 multiply-adds per input pixel
+    assert p["flops_train_step"]["ours"] < p["flops_train_step"]["diffusers"]
+    assert saved["framework"]["loader_headroom"] > 1.0
+    assert "| tiny 8px |" in out.with_suffix(".md").read_text()
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown preset"):
+        bench.main(["--preset", "huge", "--out", str(tmp_path / "b.json")])
