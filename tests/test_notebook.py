@@ -14,7 +14,7 @@ nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "01_walkthrough.ipynb"
-STEPS = 30  # training steps in the test (the notebook's default is 300, the quickstart's 700)
+STEPS = 30  # training steps in the test (the notebook's default is 700, the full quickstart)
 FIGURES = 6  # data, noising, schedules, loss curve, samplers, guidance strip
 RESULTS_TAG = "WALKTHROUGH_RESULTS "
 
