@@ -54,9 +54,9 @@ class DiffusionSystem(L.LightningModule):
         self.cond_drop_prob = cond_drop_prob
         self.image_size = image_size
         self.compile_net = compile
-        self.compile_options = dict(
-            compile_options or {}
-        )  # torch.compile kwargs: mode, backend, fullgraph, ...
+        # torch.compile kwargs: mode, backend, fullgraph, ...
+        self.compile_options = dict(compile_options or {})
+        self._compiled = False
         self.channels_last = channels_last
         if channels_last:  # NHWC activations: faster convolutions on tensor-core GPUs (slower on this CPU)
             self.net.to(memory_format=torch.channels_last)
@@ -64,7 +64,7 @@ class DiffusionSystem(L.LightningModule):
     def configure_model(self) -> None:
         """`compile=True`: torch.compile the net in place (parameter names, hence checkpoints, unchanged).
         The UNet compiles to one graph without breaks; EMA copies and samplers reuse it."""
-        if self.compile_net and not getattr(self, "_compiled", False):
+        if self.compile_net and not self._compiled:
             self.net.compile(**self.compile_options)
             self._compiled = True
 
