@@ -497,7 +497,7 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
     evaluate(cfg)

@@ -156,7 +156,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     return info
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
     with exit_on_user_error((InstantiationException, OmegaConfBaseException)):

@@ -193,7 +193,7 @@ def _float(x) -> float | None:
     return None if x is None else float(x)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a failed sweep job must not end the other jobs

@@ -14,7 +14,7 @@ from diffusion_lab.data.base import ArrayImageDataset, DataError, download_url, 
 from diffusion_lab.data.digits import DigitsDataModule
 from diffusion_lab.data.transforms import ImageTransform, center_crop_array
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = Path(__file__).resolve().parents[1] / "diffusion_lab" / "conf" / "data"
 EXPECTED = {"digits", "cifar10", "cifar100", "celeba", "mnist", "fashion_mnist", "image_folder"}
 
 
