@@ -340,8 +340,11 @@ def test_nfe_formulas():
         "ddpm": 10,
         "dpmpp_2m": 10,
         "dpmpp_2m_sde": 10,
+        "edm": 19,
         "euler": 10,
         "euler_ancestral": 10,
+        "flow_euler": 10,
+        "flow_heun": 19,
         "heun": 19,
         "unipc": 10,
     }

@@ -1,14 +1,25 @@
-"""Samplers (DDPM, DDIM, Euler, Heun, DPM-Solver++, UniPC, ...), one registered function each.
+"""Samplers (DDPM, DDIM, Euler, Heun, EDM, DPM-Solver++, UniPC, flow Euler / Heun): pure functions over a grid.
 
-Public use: ``sampler = get_sampler(name, steps=20, **opts)``, then
-``x0 = sampler(model, x_T, schedule, prediction_type="eps", cond=..., uncond=..., guidance_scale=...,
-generator=..., callback=..., progress=...)``; x_T ~ N(0, I), the result is float32.
-Each registered function is ``fn(denoise, x, schedule, steps, *, <its options>)``: the ``Denoiser`` wraps
-the net (classifier-free guidance, then (x0_hat, eps_hat)) and the run's generator, progress bar and callback. Sigma-space samplers keep the k-diffusion sample x = x_t / alpha_t and
-call the net at x_t = x / sqrt(1 + sigma^2) (diffusers' ``scale_model_input``). Adding a sampler is one
-decorated function here; its keyword-only arguments become its options.
+Public use: ``sampler = get_sampler(name, steps=20, grid=None, **opts)``, then
+``x0 = sampler(model, x_T, process, prediction_type=..., cond=..., uncond=..., guidance_scale=..., generator=...,
+callback=..., progress=...)``; x_T ~ N(0, I), the result is float32. ``process`` is any noise process (a
+discrete VP schedule, edm, flow) and ``prediction_type`` a prediction type name or an ``Objective``.
 
-Each sampler matches the diffusers scheduler named in its docstring to ~1e-5 (tests/test_samplers.py), except:
+Each registered function is ``fn(denoise, x_T, grid, *, <its options>) -> x``: it starts from
+``grid.start(x_T, space)`` and returns the process-scale x at the grid's end (x0 for the clean end); ``denoise``
+(guidance.py) gives (x0_hat, eps_hat). Every sampler runs on every process and grid, in one of three coordinate systems:
+- process space x_t with the grid's (alpha, sigma): ddpm, ddim (exact where alpha = 0);
+- k-diffusion space x / alpha at ksigma = sigma / alpha (Karras et al. 2022): euler, euler_ancestral, heun, edm,
+  and the exponential integrators dpmpp_2m, dpmpp_2m_sde, unipc in log-SNR time lambda = -log ksigma;
+- flow space y = x / (alpha + sigma) at tau = sigma / (alpha + sigma), where every process is the rectified
+  flow y = (1 - tau) x0 + tau eps: flow_euler, flow_heun (exact where alpha = 0, e.g. flow's t = 1).
+Adding a sampler is one decorated function here (its keyword-only arguments are its options) and one YAML.
+
+The grid: ``grid=`` names one (``grids.py``: karras, uniform, exponential, leading, trailing, linspace) with its
+options as a dict (``grid={"name": "karras", "rho": 7}``); by default the process's own (edm: karras, flow:
+uniform) or, on the discrete VP schedules, the sampler's diffusers ``spacing`` in the flavour of the diffusers
+scheduler it matches. Each sampler matches the diffusers scheduler named in its docstring to ~1e-5
+(tests/test_samplers.py, tests/test_formulations.py), except:
 - ddim steps to the next listed timestep; diffusers uses t - T // steps, which differs for trailing / linspace
   spacing when steps does not divide T (there diffusers' last step does not land on x0_hat).
 - trailing timesteps are computed exactly; diffusers' float arange can emit steps + 1 of them, ending at -1.
@@ -21,179 +32,86 @@ Each sampler matches the diffusers scheduler named in its docstring to ~1e-5 (te
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .guidance import Model, classifier_free_guidance
-from .parameterization import check_prediction_type, to_x0_eps
+from .grids import GRIDS, SPACINGS, Grid, make_grid
+from .guidance import Callback, Denoiser, Model, check_guidance
+from .objectives import Objective, get_objective
+from .processes import Process
 from .registry import Registry
-from .schedules import NoiseSchedule, check_spacing
-from .utils import keyword_options, randn_like
+from .utils import check_options, keyword_options
 
 SAMPLERS = Registry("sampler")
-Callback = Callable[[int, Tensor, Tensor], None]
-_SHARED_OPTIONS = ("clip_x0",)  # options every sampler takes (handled by the Denoiser)
+_SHARED_OPTIONS = ("clip_x0", "grid")  # options every sampler takes (the Denoiser's, the grid's)
 
 
 @dataclass(frozen=True)
 class _Spec:
     fn: Callable[..., Tensor]
     nfe: Callable[[int], int]
+    spacing: str  # the diffusers spacing it defaults to on discrete schedules
+    flavour: str  # how diffusers' scheduler it matches lays out that spacing (grids.FLAVOURS)
+    grid: str | None  # a grid of its own (edm: karras) instead of the process's default
+    grid_options: tuple[str, ...]  # flat options that shape the diffusers grid (spacing, set_alpha_to_one)
 
 
 def register_sampler(
-    name: str, *, nfe: Callable[[int], int] = lambda steps: steps
+    name: str,
+    *,
+    nfe: Callable[[int], int] = lambda steps: steps,
+    spacing: str = "linspace",
+    flavour: str = "euler",
+    grid: str | None = None,
+    grid_options: Sequence[str] = ("spacing",),
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a sampler function under ``name``; ``nfe(steps)`` is its number of network evaluations."""
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        SAMPLERS.register(name)(_Spec(fn=fn, nfe=nfe))
+        SAMPLERS.register(name)(_Spec(fn, nfe, spacing, flavour, grid, tuple(grid_options)))
         return fn
 
     return deco
 
 
-class Denoiser:
-    """What every sampler gets: the net as (x0_hat, eps_hat) (classifier-free guidance, then
-    parameterization.py, in this one place), plus the run's noise source, progress bar and callback."""
-
-    def __init__(
-        self,
-        model: Model,
-        *,
-        prediction_type: str = "eps",
-        cond: dict[str, Any] | None = None,
-        uncond: dict[str, Any] | None = None,
-        guidance_scale: float = 1.0,
-        clip_x0: bool = False,
-        generator: torch.Generator | None = None,
-        callback: Callback | None = None,
-        progress: bool = False,
-        name: str = "sampling",
-    ) -> None:
-        check_prediction_type(prediction_type)
-        self.model, self.prediction_type, self.clip_x0 = model, prediction_type, clip_x0
-        self.cond, self.uncond, self.guidance_scale = cond, uncond, guidance_scale
-        self.generator, self.callback, self.show_progress, self.name = generator, callback, progress, name
-
-    def __call__(self, x: Tensor, t: int | float, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
-        """(x0_hat, eps_hat) at x_t = x with x_t = alpha x0 + sigma eps; t is int (LongTensor) or float."""
-        dtype = torch.long if isinstance(t, int) else torch.float32
-        t_batch = torch.full((len(x),), t, dtype=dtype, device=x.device)  # (B,)
-        out = classifier_free_guidance(
-            self.model, x, t_batch, cond=self.cond, uncond=self.uncond, guidance_scale=self.guidance_scale
-        )
-        if out.shape != x.shape:
-            raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
-        x0, eps = to_x0_eps(self.prediction_type, out.float(), x, alpha, sigma)
-        if self.clip_x0:
-            # eps_hat is recomputed from the clipped x0_hat so the pair stays consistent (guided-diffusion's
-            # ddim_sample; diffusers' DDIM with use_clipped_model_output=True). Leaving eps as predicted
-            # (diffusers' default) breaks DDIM under strong guidance: x0 and eps then disagree.
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = (x - alpha * x0) / sigma
-        return x0, eps
-
-    def at_sigma(self, x: Tensor, sigma: float, t: float) -> Tensor:
-        """x0_hat for the k-diffusion sample x = x_t / alpha_t at noise level sigma (Karras et al. 2022)."""
-        alpha = _alpha(sigma)
-        return self(x * alpha, t, alpha, sigma * alpha)[0]
-
-    def noise_like(self, x: Tensor) -> Tensor:
-        """Fresh N(0, I) noise from the run's generator (float32, drawn on the generator's device)."""
-        return randn_like(x, self.generator)
-
-    def progress(self, steps: int) -> Iterable[int]:
-        """range(steps), under a tqdm bar when progress=True."""
-        return tqdm(range(steps), desc=self.name, disable=not self.show_progress, leave=False)
-
-    def report(self, i: int, x: Tensor, x0: Tensor) -> None:
-        """Hand step i's sample x_t (VP scale) and its x0_hat to the user's callback, if any."""
-        if self.callback is not None:
-            self.callback(i, x, x0)
-
-
-def _alpha(sigma: float) -> float:
-    """VP alpha_t = 1 / sqrt(1 + sigma^2) for the k-diffusion sigma (sigma_t = sigma * alpha_t)."""
-    return (1.0 + sigma**2) ** -0.5
-
-
-def _sigma_grid(schedule: NoiseSchedule, steps: int, spacing: str) -> tuple[list[float], list[float]]:
-    """Timesteps and sigmas (with a final 0) as diffusers' Euler / Heun ``set_timesteps``."""
-    ts = schedule.inference_timesteps(steps, spacing, rounded=False)
-    return ts.tolist(), schedule.sigma_at(ts).tolist() + [0.0]
-
-
-def _init_sigma(sigma_max: float, spacing: str) -> float:
-    """diffusers' ``init_noise_sigma`` for sigma-space schedulers (sqrt(sigma^2 + 1) for leading)."""
-    return (sigma_max**2 + 1) ** 0.5 if spacing == "leading" else sigma_max
-
-
-def _solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: str) -> list[int]:
-    """Timesteps as diffusers' multistep solvers (DPM-Solver, UniPC): a grid of steps + 1 points, t = 0 dropped."""
-    T = schedule.num_timesteps
-    check_spacing(spacing)
-    if spacing == "linspace":
-        ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        ts = (np.arange(0, steps + 1) * (T // (steps + 1)))[::-1][:-1]
-    else:
-        ts = schedule.inference_timesteps(steps, "trailing").numpy()
-    ts = [int(t) for t in ts]
-    if any(a <= b for a, b in zip(ts, ts[1:])):
-        raise ValueError(
-            f"spacing {spacing!r} with steps={steps} repeats timesteps; use fewer steps or another spacing"
-        )
-    return ts
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Samplers in VP space on integer timesteps
+# Process space: the DDIM family, exact where alpha = 0 (zero terminal SNR)
 
 
-@register_sampler("ddpm")
-def ddpm(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, *, spacing: str = "leading"
-) -> Tensor:
-    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), posterior variance beta-tilde, skipped steps as diffusers."""
-    ts, ab = schedule.inference_timesteps(steps, spacing).tolist(), schedule.alphas_cumprod.tolist()
-    for i in denoise.progress(steps):
-        ab_t, ab_prev = ab[ts[i]], (ab[ts[i + 1]] if i + 1 < steps else 1.0)
-        beta_t = 1 - ab_t / ab_prev  # beta of the (possibly skipped) step t -> prev
-        x0, _ = denoise(x, ts[i], ab_t**0.5, (1 - ab_t) ** 0.5)
-        x = (ab_prev**0.5 * beta_t / (1 - ab_t)) * x0 + ((1 - beta_t) ** 0.5 * (1 - ab_prev) / (1 - ab_t)) * x
-        if i + 1 < steps:  # extra noise after every step except the last
-            beta_tilde = max((1 - ab_prev) / (1 - ab_t) * beta_t, 1e-20)
-            x = x + beta_tilde**0.5 * denoise.noise_like(x)
+def _ddim_step(x0: Tensor, eps: Tensor, grid: Grid, i: int, eta: float) -> tuple[Tensor, float]:
+    """DDIM's x_{t'} mean and noise std for any process (Song et al. 2021, eq. 12 and 16 with (alpha, sigma)):
+    mean = alpha' x0 + sqrt(sigma'^2 - s^2) eps, s = eta sigma' sqrt(1 - (sigma' alpha / (alpha' sigma))^2)."""
+    alpha, sigma, alpha_next, sigma_next = grid.alpha[i], grid.sigma[i], grid.alpha[i + 1], grid.sigma[i + 1]
+    ratio = sigma_next * alpha / (alpha_next * sigma)
+    std = eta * sigma_next * max(1 - ratio**2, 0.0) ** 0.5
+    return alpha_next * x0 + max(sigma_next**2 - std**2, 0.0) ** 0.5 * eps, std
+
+
+@register_sampler("ddpm", spacing="leading", flavour="ddim")
+def ddpm(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): the posterior q(x_t' | x_t, x0_hat) with variance
+    beta-tilde (= DDIM with eta = 1), skipped steps as diffusers' DDPMScheduler, no noise on the last step."""
+    x = grid.start(x)
+    for i in denoise.progress(grid.steps):
+        x0, eps = denoise(x, grid.t[i], grid.alpha[i], grid.sigma[i])
+        x, std = _ddim_step(x0, eps, grid, i, eta=1.0)
+        if i + 1 < grid.steps:  # extra noise after every step except the last
+            x = x + max(std, 1e-10) * denoise.noise_like(x)
         denoise.report(i, x, x0)
     return x
 
 
-@register_sampler("ddim")
-def ddim(
-    denoise: Denoiser,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    eta: float = 0.0,
-    spacing: str = "leading",
-    set_alpha_to_one: bool = True,
-) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12): eta = 0 deterministic, eta = 1 ancestral; previous step = next listed one."""
-    ts, ab = schedule.inference_timesteps(steps, spacing).tolist(), schedule.alphas_cumprod.tolist()
-    final_ab = 1.0 if set_alpha_to_one else ab[0]
-    for i in denoise.progress(steps):
-        ab_t, ab_prev = ab[ts[i]], (ab[ts[i + 1]] if i + 1 < steps else final_ab)
-        x0, eps = denoise(x, ts[i], ab_t**0.5, (1 - ab_t) ** 0.5)
-        std = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) ** 0.5  # sigma_t(eta), eq. 16
-        x = ab_prev**0.5 * x0 + max(1 - ab_prev - std**2, 0.0) ** 0.5 * eps
+@register_sampler("ddim", spacing="leading", flavour="ddim", grid_options=("spacing", "set_alpha_to_one"))
+def ddim(denoise: Denoiser, x: Tensor, grid: Grid, *, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12): eta = 0 deterministic, eta = 1 ancestral; as diffusers' DDIMScheduler."""
+    x = grid.start(x)
+    for i in denoise.progress(grid.steps):
+        x0, eps = denoise(x, grid.t[i], grid.alpha[i], grid.sigma[i])
+        x, std = _ddim_step(x0, eps, grid, i, eta)
         if eta > 0:
             x = x + std * denoise.noise_like(x)
         denoise.report(i, x, x0)
@@ -201,121 +119,144 @@ def ddim(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Samplers in k-diffusion sigma space (Karras et al. 2022), on possibly fractional timesteps
+# k-diffusion space (Karras et al. 2022): x / alpha at k-diffusion sigma
 
 
 @register_sampler("euler")
-def euler(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace"
-) -> Tensor:
-    """Euler on the probability-flow ODE dx/dsigma = (x - D(x)) / sigma (Karras et al. 2022, Alg. 1, no churn)."""
-    ts, sigmas = _sigma_grid(schedule, steps, spacing)
-    x = x * _init_sigma(sigmas[0], spacing)
-    for i in denoise.progress(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = denoise.at_sigma(x, sigma, ts[i])
-        x = x + (x - x0) / sigma * (sigma_next - sigma)
-        denoise.report(i, x * _alpha(sigma_next), x0)
-    return x
+def euler(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
+    """Euler on the probability-flow ODE dx/dsigma = (x - D(x)) / sigma (Karras et al. 2022, Alg. 1, no churn);
+    as diffusers' EulerDiscreteScheduler (and EDMEulerScheduler on edm)."""
+    ks = grid.ksigma
+    x = grid.start(x, "k")
+    for i in denoise.progress(grid.steps):
+        x0 = denoise.at_ksigma(x, ks[i], grid.t[i])
+        x = x + (x - x0) / ks[i] * (ks[i + 1] - ks[i])
+        denoise.report(i, x * grid.alpha_k[i + 1], x0)
+    return x * grid.alpha_k[-1]
 
 
 @register_sampler("euler_ancestral")
-def euler_ancestral(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace"
-) -> Tensor:
-    """Euler ancestral (k-diffusion sample_euler_ancestral, eta = 1): Euler to sigma_down, then noise sigma_up."""
-    ts, sigmas = _sigma_grid(schedule, steps, spacing)
-    x = x * _init_sigma(sigmas[0], spacing)
-    for i in denoise.progress(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+def euler_ancestral(denoise: Denoiser, x: Tensor, grid: Grid, *, eta: float = 1.0) -> Tensor:
+    """Euler ancestral (k-diffusion sample_euler_ancestral): Euler to sigma_down, then fresh noise of std
+    sigma_up; as diffusers' EulerAncestralDiscreteScheduler at eta = 1."""
+    ks = grid.ksigma
+    x = grid.start(x, "k")
+    for i in denoise.progress(grid.steps):
+        sigma, sigma_next = ks[i], ks[i + 1]
+        sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        x0 = denoise.at_sigma(x, sigma, ts[i])
+        x0 = denoise.at_ksigma(x, sigma, grid.t[i])
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         x = x + sigma_up * denoise.noise_like(x)  # drawn every step (0 on the last), as diffusers
-        denoise.report(i, x * _alpha(sigma_next), x0)
-    return x
+        denoise.report(i, x * grid.alpha_k[i + 1], x0)
+    return x * grid.alpha_k[-1]
+
+
+def _heun(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2; NVlabs/edm ``edm_sampler``): raise sigma by gamma
+    with fresh noise (churn), then a Heun step; Euler on the last step to sigma = 0. No churn: Alg. 1."""
+    ks = grid.ksigma
+    x = grid.start(x, "k")
+    for i in denoise.progress(grid.steps):
+        sigma, sigma_next = ks[i], ks[i + 1]
+        gamma = min(s_churn / grid.steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat, t_hat = sigma * (1 + gamma), (grid.t[i] if gamma == 0 else None)
+        if gamma > 0:
+            x = x + (sigma_hat**2 - sigma**2) ** 0.5 * s_noise * denoise.noise_like(x)
+        x0 = denoise.at_ksigma(x, sigma_hat, t_hat)
+        d = (x - x0) / sigma_hat
+        x_next = x + d * (sigma_next - sigma_hat)
+        if sigma_next > 0:  # 2nd order correction
+            d_next = (x_next - denoise.at_ksigma(x_next, sigma_next, grid.t[i + 1])) / sigma_next
+            x_next = x + (d + d_next) / 2 * (sigma_next - sigma_hat)
+        x = x_next
+        denoise.report(i, x * grid.alpha_k[i + 1], x0)
+    return x * grid.alpha_k[-1]
 
 
 @register_sampler("heun", nfe=lambda steps: 2 * steps - 1)
-def heun(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace"
+def heun(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); as diffusers' HeunDiscreteScheduler."""
+    return _heun(denoise, x, grid)
+
+
+@register_sampler("edm", nfe=lambda steps: 2 * steps - 1, grid="karras")
+def edm(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1, no churn); Euler on the last step to sigma = 0."""
-    ts, sigmas = _sigma_grid(schedule, steps, spacing)
-    x = x * _init_sigma(sigmas[0], spacing)
-    for i in denoise.progress(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = denoise.at_sigma(x, sigma, ts[i])
-        d = (x - x0) / sigma
-        x_euler = x + d * (sigma_next - sigma)
-        if sigma_next == 0:
-            x = x_euler
-        else:
-            d_next = (x_euler - denoise.at_sigma(x_euler, sigma_next, ts[i + 1])) / sigma_next
-            x = x + (d + d_next) / 2 * (sigma_next - sigma)
-        denoise.report(i, x * _alpha(sigma_next), x0)
-    return x
+    """EDM's sampler (Karras et al. 2022, Alg. 2) on the rho = 7 grid: Heun with optional churn (S_churn,
+    S_tmin, S_tmax, S_noise); 18 steps = 35 NFE is the paper's CIFAR-10 setting."""
+    return _heun(denoise, x, grid, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Multistep exponential-integrator solvers in log-SNR time: lambda = log(alpha_t / sigma_t) = -log(sigma)
+# Multistep exponential integrators in log-SNR time lambda = -log ksigma, on the process's (alpha_k, sigma_k)
 
 
-def _dpmpp_2m_data(x0: Tensor, x0_prev: Tensor | None, sigmas: list[float], i: int) -> Tensor:
+def _dpmpp_2m_data(x0: Tensor, x0_prev: Tensor | None, ks: Sequence[float], i: int) -> Tensor:
     """DPM-Solver++(2M) data term D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h (first order if no history)."""
     if x0_prev is None:
         return x0
-    h = math.log(sigmas[i] / sigmas[i + 1])
-    r = math.log(sigmas[i - 1] / sigmas[i]) / h
+    h = math.log(ks[i] / ks[i + 1])
+    r = math.log(ks[i - 1] / ks[i]) / h
     return x0 + (x0 - x0_prev) / (2 * r)
 
 
-@register_sampler("dpmpp_2m")
-def dpmpp_2m(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace"
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; midpoint), first order on the first and the final step."""
-    ts = _solver_timesteps(schedule, steps, spacing)
-    sigmas = schedule.sigmas[ts].tolist() + [0.0]
-    x0_prev = None
-    for i in denoise.progress(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0, _ = denoise(x, ts[i], _alpha(sigma), sigma * _alpha(sigma))
-        if sigma_next == 0:  # h = inf: the first-order step lands exactly on x0_hat
+def _k_denoise(denoise: Denoiser, x: Tensor, grid: Grid, i: int) -> Tensor:
+    """x0_hat at grid point i for x in the process's scale, read with (alpha_k, sigma_k)."""
+    return denoise(x, grid.t[i], grid.alpha_k[i], grid.sigma_k[i])[0]
+
+
+@register_sampler("dpmpp_2m", flavour="multistep")
+def dpmpp_2m(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; midpoint), first order on the first and the final step; as
+    diffusers' DPMSolverMultistepScheduler (EDMDPMSolverMultistepScheduler on edm)."""
+    ks, a_k, s_k = grid.ksigma, grid.alpha_k, grid.sigma_k
+    x, x0_prev = grid.start(x), None
+    for i in denoise.progress(grid.steps):
+        x0 = _k_denoise(denoise, x, grid, i)
+        if ks[i + 1] == 0:  # h = inf: the first-order step lands exactly on x0_hat
             x = x0
         else:
-            h = math.log(sigma / sigma_next)  # lambda_next - lambda
-            alpha_next = _alpha(sigma_next)
-            ratio = sigma_next * alpha_next / (sigma * _alpha(sigma))  # sigma_t(next) / sigma_t
-            x = ratio * x - alpha_next * math.expm1(-h) * _dpmpp_2m_data(x0, x0_prev, sigmas, i)
+            h = math.log(ks[i] / ks[i + 1])  # lambda_next - lambda
+            x = s_k[i + 1] / s_k[i] * x - a_k[i + 1] * math.expm1(-h) * _dpmpp_2m_data(x0, x0_prev, ks, i)
         x0_prev = x0
         denoise.report(i, x, x0)
     return x
 
 
-@register_sampler("dpmpp_2m_sde")
-def dpmpp_2m_sde(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace"
-) -> Tensor:
+@register_sampler("dpmpp_2m_sde", flavour="multistep")
+def dpmpp_2m_sde(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022; diffusers algorithm_type='sde-dpmsolver++', midpoint)."""
-    ts = _solver_timesteps(schedule, steps, spacing)
-    sigmas = schedule.sigmas[ts].tolist() + [0.0]
-    x0_prev = None
-    for i in denoise.progress(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0, _ = denoise(x, ts[i], _alpha(sigma), sigma * _alpha(sigma))
+    ks, a_k, s_k = grid.ksigma, grid.alpha_k, grid.sigma_k
+    x, x0_prev = grid.start(x), None
+    for i in denoise.progress(grid.steps):
+        x0 = _k_denoise(denoise, x, grid, i)
         noise = denoise.noise_like(x)  # drawn every step (unused on the last), as diffusers
-        if sigma_next == 0:
+        if ks[i + 1] == 0:
             x = x0
         else:
-            h = math.log(sigma / sigma_next)
-            alpha_next = _alpha(sigma_next)
-            ratio = sigma_next * alpha_next / (sigma * _alpha(sigma))
+            h = math.log(ks[i] / ks[i + 1])
             x = (
-                ratio * math.exp(-h) * x
-                - alpha_next * math.expm1(-2 * h) * _dpmpp_2m_data(x0, x0_prev, sigmas, i)
-                + sigma_next * alpha_next * (-math.expm1(-2 * h)) ** 0.5 * noise
+                s_k[i + 1] / s_k[i] * math.exp(-h) * x
+                - a_k[i + 1] * math.expm1(-2 * h) * _dpmpp_2m_data(x0, x0_prev, ks, i)
+                + s_k[i + 1] * (-math.expm1(-2 * h)) ** 0.5 * noise
             )
         x0_prev = x0
         denoise.report(i, x, x0)
@@ -323,23 +264,23 @@ def dpmpp_2m_sde(
 
 
 def _unipc_update(
-    x: Tensor, m0: Tensor, m1: Tensor | None, m_next: Tensor | None, sigmas: list[float], j: int
+    x: Tensor, m0: Tensor, m1: Tensor | None, m_next: Tensor | None, grid: Grid, j: int
 ) -> Tensor:
-    """One UniPC-bh2 update from sigmas[j] to sigmas[j + 1] in data prediction (Zhao et al. 2023, Alg. 1-2).
+    """One UniPC-bh2 update from grid point j to j + 1 in data prediction (Zhao et al. 2023, Alg. 1-2).
 
     m0, m1: x0_hat at steps j and j - 1 (m1 None: order 1). m_next None: predictor UniP; else corrector UniC
     with m_next = x0_hat at the predicted sample. Coefficients rho solve the order conditions with B(h) = e^h - 1.
     """
-    sigma, sigma_next = sigmas[j], sigmas[j + 1]
-    if sigma_next == 0:  # h = inf: exact landing on x0_hat
+    ks = grid.ksigma
+    if ks[j + 1] == 0:  # h = inf: exact landing on x0_hat
         return m0
-    alpha_next = _alpha(sigma_next)
-    h = math.log(sigma / sigma_next)
+    alpha_next = grid.alpha_k[j + 1]
+    h = math.log(ks[j] / ks[j + 1])
     hh = -h
     h_phi_1 = math.expm1(hh)  # = B(h) for bh2
-    x_next = (sigma_next * alpha_next) / (sigma * _alpha(sigma)) * x - alpha_next * h_phi_1 * m0
+    x_next = grid.sigma_k[j + 1] / grid.sigma_k[j] * x - alpha_next * h_phi_1 * m0
     if m1 is not None:
-        r = math.log(sigma / sigmas[j - 1]) / h  # (lambda_{j-1} - lambda_j) / h < 0
+        r = math.log(ks[j] / ks[j - 1]) / h  # (lambda_{j-1} - lambda_j) / h < 0
         d1 = (m1 - m0) / r
     if m_next is None:  # predictor: rho_p = 1/2 for order 2
         return x_next if m1 is None else x_next - alpha_next * h_phi_1 * 0.5 * d1
@@ -352,35 +293,84 @@ def _unipc_update(
     return x_next - alpha_next * h_phi_1 * (rho_0 * d1 + rho_1 * (m_next - m0))
 
 
-@register_sampler("unipc")
-def unipc(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace"
-) -> Tensor:
+@register_sampler("unipc", flavour="multistep")
+def unipc(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """UniPC-2 (Zhao et al. 2023): UniP-2 predictor + UniC corrector (bh2), as diffusers UniPCMultistepScheduler."""
-    ts = _solver_timesteps(schedule, steps, spacing)
-    sigmas = schedule.sigmas[ts].tolist() + [0.0]
     history: list[Tensor] = []  # x0_hat at previous steps, newest last
+    x = grid.start(x)
     x_last, order_last = x, 1
-    for i in denoise.progress(steps):
-        sigma = sigmas[i]
-        x0, _ = denoise(x, ts[i], _alpha(sigma), sigma * _alpha(sigma))
+    for i in denoise.progress(grid.steps):
+        x0 = _k_denoise(denoise, x, grid, i)
         if i > 0:  # UniC: correct the previous step with the fresh model output (no extra evaluation)
             m1 = history[-2] if order_last == 2 else None
-            x = _unipc_update(x_last, history[-1], m1, x0, sigmas, i - 1)
+            x = _unipc_update(x_last, history[-1], m1, x0, grid, i - 1)
         history = [*history[-1:], x0]
-        order = min(2, steps - i, i + 1)  # warm-up and lower order at the final step
+        order = min(2, grid.steps - i, i + 1)  # warm-up and lower order at the final step
         x_last, order_last = x, order
-        x = _unipc_update(x, x0, history[-2] if order == 2 else None, None, sigmas, i)
+        x = _unipc_update(x, x0, history[-2] if order == 2 else None, None, grid, i)
         denoise.report(i, x, x0)
     return x
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Flow space: y = x / (alpha + sigma) at tau = sigma / (alpha + sigma), the rectified flow of every process
+
+
+def _flow_velocity(denoise: Denoiser, y: Tensor, grid: Grid, i: int) -> tuple[Tensor, Tensor]:
+    """(u, x0_hat) at grid point i: u = (y - x0_hat) / tau = eps_hat - x0_hat, the flow-matching velocity."""
+    a, s = grid.alpha[i], grid.sigma[i]
+    x0 = denoise(y * (a + s), grid.t[i], a, s)[0]
+    return (y - x0) / (s / (a + s)), x0
+
+
+def _tau(grid: Grid, i: int) -> float:
+    return grid.sigma[i] / (grid.alpha[i] + grid.sigma[i])
+
+
+@register_sampler("flow_euler", grid_options=())
+def flow_euler(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
+    """Euler on the flow ODE dy/dtau = u (Liu et al. 2023; Lipman et al. 2023); as diffusers'
+    FlowMatchEulerDiscreteScheduler on the flow process."""
+    y = grid.start(x, "flow")
+    for i in denoise.progress(grid.steps):
+        u, x0 = _flow_velocity(denoise, y, grid, i)
+        y = y + (_tau(grid, i + 1) - _tau(grid, i)) * u
+        denoise.report(i, y * (grid.alpha[i + 1] + grid.sigma[i + 1]), x0)
+    return y * (grid.alpha[-1] + grid.sigma[-1])
+
+
+@register_sampler("flow_heun", nfe=lambda steps: 2 * steps - 1, grid_options=())
+def flow_heun(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
+    """Heun on the flow ODE dy/dtau = u, Euler on the last step to tau = 0 (SiT, Ma et al. 2024); as diffusers'
+    FlowMatchHeunDiscreteScheduler on the flow process."""
+    y = grid.start(x, "flow")
+    for i in denoise.progress(grid.steps):
+        u, x0 = _flow_velocity(denoise, y, grid, i)
+        dt = _tau(grid, i + 1) - _tau(grid, i)
+        y_next = y + dt * u
+        if grid.sigma[i + 1] > 0:
+            u_next, _ = _flow_velocity(denoise, y_next, grid, i + 1)
+            y_next = y + dt * (u + u_next) / 2
+        y = y_next
+        denoise.report(i, y * (grid.alpha[i + 1] + grid.sigma[i + 1]), x0)
+    return y * (grid.alpha[-1] + grid.sigma[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grid_spec(grid: str | dict[str, Any] | None) -> tuple[str | None, dict[str, Any]]:
+    """(name, options) of a ``grid`` option: None, a name, or a dict {name: ..., <options>}."""
+    if grid is None or isinstance(grid, str):
+        return grid, {}
+    opts = dict(grid)
+    name = opts.pop("name", None)
+    return name, opts
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """A registered sampler bound to its step count and options; call it as ``sampler(model, x_T, schedule)``."""
+    """A registered sampler bound to its step count and options; call it as ``sampler(model, x_T, process)``."""
 
     name: str
     steps: int
@@ -395,62 +385,106 @@ class Sampler:
             )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if "spacing" in self.opts:
-            check_spacing(self.opts["spacing"])
+        if "spacing" in self.opts and self.opts["spacing"] not in SPACINGS:
+            raise ValueError(
+                f"unknown timestep spacing {self.opts['spacing']!r}; valid choices: {', '.join(SPACINGS)}"
+            )
         if "eta" in self.opts and not self.opts["eta"] >= 0:
             raise ValueError(f"eta must be >= 0, got {self.opts['eta']}")
+        name, grid_opts = _grid_spec(self.opts.get("grid"))
+        if name is not None:
+            check_options(GRIDS.get(name), grid_opts, what=f"grid {name!r}", skip=("flavour",))
 
     @property
     def nfe(self) -> int:
         """Network evaluations per sample (a CFG evaluation is one batched forward, so it counts once)."""
         return SAMPLERS.get(self.name).nfe(self.steps)
 
+    def grid(self, process: Process) -> Grid:
+        """The noise levels this sampler visits on ``process``."""
+        spec = SAMPLERS.get(self.name)
+        name, grid_opts = _grid_spec(self.opts.get("grid"))
+        spacing = self.opts.get("spacing", spec.spacing)
+        if name is None:
+            name = spec.grid or process.default_grid or spacing
+        euler_quirk = spec.flavour == "euler" and name in (
+            "linspace",
+            "trailing",
+        )  # diffusers' init_noise_sigma
+        end = "clean" if self.opts.get("set_alpha_to_one", True) else "t_min"
+        prior = "sigma" if euler_quirk or (spec.grid == "karras" and name == "karras") else "unit"
+        return make_grid(
+            process,
+            self.steps,
+            name,
+            flavour=spec.flavour,
+            spacing=spacing,
+            end=end,
+            prior=prior,
+            **grid_opts,
+        )
+
     def __call__(
         self,
         model: Model,
         x_T: Tensor,
-        schedule: NoiseSchedule,
+        process: Process,
         *,
-        prediction_type: str = "eps",
+        prediction_type: str | Objective = "eps",
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
         guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Sequence[float] | None = None,
+        guide: Model | None = None,
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
         progress: bool = False,
     ) -> Tensor:
         """Denoise x_T ~ N(0, I) into x0 (float32). ``callback(i, x_t, x0_hat)`` runs after each step."""
-        if self.steps > schedule.num_timesteps:
+        if process.discrete and self.steps > process.num_timesteps:
             raise ValueError(
-                f"steps={self.steps} exceeds the schedule's num_timesteps={schedule.num_timesteps}"
+                f"steps={self.steps} exceeds the schedule's num_timesteps={process.num_timesteps}"
             )
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        check_guidance(guidance_scale, guidance_rescale, guidance_interval)
         if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
             raise TypeError("x_T must be a floating-point tensor of shape (B, ...)")
-        opts = dict(self.opts)
+        opts = {k: v for k, v in self.opts.items() if k not in (*_SHARED_OPTIONS, *self._grid_options)}
         denoise = Denoiser(
             model,
-            prediction_type=prediction_type,
+            process=process,
+            objective=get_objective(prediction_type),
             cond=cond,
             uncond=uncond,
             guidance_scale=guidance_scale,
-            clip_x0=opts.pop("clip_x0", False),
+            guidance_rescale=guidance_rescale,
+            guidance_interval=guidance_interval,
+            guide=guide,
+            clip_x0=self.opts.get("clip_x0", False),
             generator=generator,
             callback=callback,
             progress=progress,
             name=self.name,
         )
+        grid = self.grid(process)
         with torch.no_grad():
-            x = SAMPLERS.get(self.name).fn(denoise, x_T.float(), schedule, self.steps, **opts)
+            x = SAMPLERS.get(self.name).fn(denoise, x_T.float(), grid, **opts)
         return x.float()
+
+    @property
+    def _grid_options(self) -> tuple[str, ...]:
+        return SAMPLERS.get(self.name).grid_options
 
 
 def sampler_options(name: str) -> list[str]:
     """The option names ``get_sampler(name, ...)`` accepts besides ``steps``."""
-    return keyword_options(SAMPLERS.get(name).fn) + list(_SHARED_OPTIONS)
+    spec = SAMPLERS.get(name)
+    return keyword_options(spec.fn) + list(spec.grid_options) + list(_SHARED_OPTIONS)
 
 
 def get_sampler(name: str, *, steps: int = 50, **opts: Any) -> Sampler:
-    """The registered sampler ``name`` with ``steps`` steps; unknown names or options fail listing the choices."""
+    """The registered sampler ``name`` with ``steps`` steps; unknown names or options fail listing the choices.
+
+    ``grid``: a grid name or {name: ..., <options>} (``grids.py``); ``spacing``: the diffusers spacing on the
+    discrete VP schedules; ``clip_x0``: clip x0_hat to [-1, 1] (pixel data)."""
     return Sampler(name=name, steps=steps, opts=opts)

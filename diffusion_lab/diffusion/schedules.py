@@ -1,4 +1,4 @@
-"""Beta / alpha-bar noise schedules (linear, scaled_linear, cosine, sigmoid), registered by name."""
+"""Discrete VP noise processes: beta / alpha-bar schedules (linear, scaled_linear, cosine, sigmoid), by name."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .processes import ALPHA_FLOOR, Process
 from .registry import Registry
 from .utils import append_dims, check_options
 
@@ -16,7 +17,7 @@ SCHEDULES = Registry("noise schedule")
 SPACINGS = ("leading", "trailing", "linspace")
 
 # alpha-bar used in sigma space where the true alpha-bar is 0 (zero terminal SNR), as diffusers does.
-ZERO_SNR_ALPHA_BAR = 2.0**-24
+ZERO_SNR_ALPHA_BAR = ALPHA_FLOOR**2
 
 
 @SCHEDULES.register("linear")
@@ -62,11 +63,16 @@ def check_spacing(spacing: str) -> None:
         raise ValueError(f"unknown timestep spacing {spacing!r}; valid choices: {', '.join(SPACINGS)}")
 
 
-class NoiseSchedule:
-    """A discrete VP noise schedule: q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), t = 0..T-1.
+class NoiseSchedule(Process):
+    """A discrete VP noise process: q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), t = 0..T-1.
 
     Tables are float64 on the CPU; ``table(...)`` casts and moves them on demand (cached per device/dtype).
+    Training and ``add_noise`` take integer t; samplers may visit fractional t, where the k-diffusion sigma is
+    interpolated linearly in t (``sigma_at``, as diffusers' Euler schedulers) and alpha^2 + sigma^2 = 1.
     """
+
+    discrete = True
+    default_grid = None  # each sampler's diffusers timestep spacing (see samplers.py)
 
     def __init__(self, *, name: str, betas: Tensor) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
@@ -85,6 +91,7 @@ class NoiseSchedule:
         ab = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod, ZERO_SNR_ALPHA_BAR)
         self.sigmas = ((1 - ab) / ab).sqrt()
         self._cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+        self.t_min, self.t_max = 0, self.num_timesteps - 1
 
     def __repr__(self) -> str:
         ab = self.alphas_cumprod
@@ -105,24 +112,42 @@ class NoiseSchedule:
         return append_dims(values.reshape(len(t)), like.ndim)
 
     def alpha_sigma(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(alpha_t, sigma_t) = (sqrt(ab_t), sqrt(1 - ab_t)) shaped (B, 1, ...) to broadcast against ``x``."""
-        return self._gather("sqrt_alphas_cumprod", t, x), self._gather("sqrt_one_minus_alphas_cumprod", t, x)
+        """(alpha_t, sigma_t) = (sqrt(ab_t), sqrt(1 - ab_t)) at integer t, shaped (B, 1, ...) like ``x``.
 
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """Sample q(x_t | x_0) in closed form: x_t = alpha_t x0 + sigma_t noise (Ho et al. 2020, eq. 4)."""
-        if x0.shape != noise.shape or t.ndim != 1 or len(t) != len(x0):
-            raise ValueError(
-                f"add_noise wants x0 and noise of one shape (B, ...) and t of shape (B,), got "
-                f"{tuple(x0.shape)}, {tuple(noise.shape)}, {tuple(t.shape)}"
-            )
-        alpha_t, sigma_t = self.alpha_sigma(t, x0)
-        return (alpha_t * x0 + sigma_t * noise.to(x0.device)).to(x0.dtype)
+        ``add_noise`` (inherited: x_t = alpha_t x0 + sigma_t noise, Ho et al. 2020, eq. 4) goes through here,
+        so it too takes integer timesteps only."""
+        return self._gather("sqrt_alphas_cumprod", t, x), self._gather("sqrt_one_minus_alphas_cumprod", t, x)
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ab_t / (1 - ab_t) at integer timesteps, float32 of shape (B,) on t's device."""
         if t.is_floating_point():
             raise TypeError(f"t must hold integer timesteps (LongTensor), got dtype {t.dtype}")
         return self.table("snrs", device=t.device, dtype=torch.float32)[t]
+
+    # ------------------------------------------------------------------ the Process contract
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha, sigma) in float64: table entries at integer t, from the interpolated ksigma between them."""
+        t = torch.as_tensor(t, dtype=torch.float64).cpu().reshape(-1)
+        idx = t.round().long().clamp(0, self.num_timesteps - 1)
+        on_table = t == idx
+        alpha, sigma = self.from_ksigma(self.sigma_at(t))
+        alpha = torch.where(on_table, self.sqrt_alphas_cumprod[idx], alpha)
+        sigma = torch.where(on_table, self.sqrt_one_minus_alphas_cumprod[idx], sigma)
+        return alpha, sigma
+
+    def ksigma(self, t: Tensor) -> Tensor:
+        return self.sigma_at(torch.as_tensor(t, dtype=torch.float64).reshape(-1))
+
+    def from_ksigma(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        s = torch.as_tensor(s, dtype=torch.float64)
+        alpha = (1 + s**2).rsqrt()
+        return alpha, s * alpha
+
+    def t_from_ksigma(self, s: Tensor) -> Tensor:
+        """The inverse of ``sigma_at``: piecewise-linear in t, clamped to [0, T - 1]."""
+        s = torch.as_tensor(s, dtype=torch.float64).cpu()
+        t = np.interp(s.numpy(), self.sigmas.numpy(), np.arange(self.num_timesteps, dtype=np.float64))
+        return torch.from_numpy(np.asarray(t, dtype=np.float64)).reshape(s.shape)
 
     def sigma_at(self, t: Tensor) -> Tensor:
         """k-diffusion sigma at (possibly fractional) timesteps, linear interpolation as numpy.interp (float64)."""

@@ -1,34 +1,48 @@
-"""Pixel-space diffusion system: a denoising net + noise schedule + loss + optimizer in Lightning."""
+"""Pixel-space diffusion system: a denoising net + noise process + objective + optimizer in Lightning."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from diffusion_lab.diffusion import NoiseSchedule, diffusion_loss, get_loss_weighting, training_target
-from diffusion_lab.diffusion.parameterization import PREDICTION_TYPES
+from diffusion_lab.diffusion import (
+    Process,
+    get_loss_weighting,
+    get_noise_levels,
+    get_objective,
+    training_loss,
+)
 from diffusion_lab.systems.optim import build_optimizers
 
 
 class DiffusionSystem(L.LightningModule):
-    """DDPM training (Ho et al. 2020) with eps / v / x0 targets and per-sample CFG condition dropout.
+    """Diffusion training on any formulation: a noise process (DDPM's discrete VP schedules, EDM / VE, rectified
+    flow), an objective (eps / v / x0 / flow velocity / EDM preconditioning), a training noise-level
+    distribution and a loss weighting, with per-sample CFG condition dropout.
 
-    `encode` / `decode` map images to the diffusion space and back (identity here; the latent
-    system overrides them). Conditioning comes from the batch: `label` -> `class_labels`.
+    `process` (legacy name: `schedule`, as in checkpoints written before the continuous-time core) and
+    `prediction_type` + `objective_opts` (e.g. {sigma_data: 0.5} for edm) choose the formulation;
+    `noise_levels` (+ opts) draws training t (uniform, log_normal, logit_normal). `encode` / `decode` map
+    images to the diffusion space and back (identity here; the latent system overrides them).
+    Conditioning comes from the batch: `label` -> `class_labels`.
     """
 
     def __init__(
         self,
         *,
         net: nn.Module,
-        schedule: NoiseSchedule,
+        process: Process | None = None,
+        schedule: Process | None = None,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         prediction_type: str = "eps",
+        objective_opts: dict[str, float] | None = None,
+        noise_levels: str = "uniform",
+        noise_levels_opts: dict[str, float] | None = None,
         loss_weighting: str = "uniform",
         loss_weighting_opts: dict[str, float] | None = None,
         cond_drop_prob: float = 0.1,
@@ -38,18 +52,20 @@ class DiffusionSystem(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
+        if (process is None) == (schedule is None):
             raise ValueError(
-                f"unknown prediction_type {prediction_type!r}; valid choices: {', '.join(PREDICTION_TYPES)}"
+                "give the noise process as `process` (or, as older configs do, `schedule`), once"
             )
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["net", "process", "schedule", "optimizer", "lr_scheduler"])
         self.net = net
-        self.schedule = schedule
+        self.process = process if process is not None else schedule
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.objective = get_objective(prediction_type, **(objective_opts or {}))
         self.prediction_type = prediction_type
+        self.noise_levels = get_noise_levels(noise_levels, **(noise_levels_opts or {}))
         self.loss_weight = get_loss_weighting(loss_weighting, **(loss_weighting_opts or {}))
         self.cond_drop_prob = cond_drop_prob
         self.image_size = image_size
@@ -120,20 +136,25 @@ class DiffusionSystem(L.LightningModule):
         """The clean sample x0 of a batch in diffusion space (the latent system samples its posterior)."""
         return self.encode(batch["image"])
 
+    @property
+    def schedule(self) -> Process:
+        """The noise process under its older name."""
+        return self.process
+
     def diffusion_step(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
         x0 = self.batch_x0(batch, generator=generator)  # (B, C, H, W)
-        b = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.schedule.add_noise(x0, noise, t)
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
         cond = self.drop_condition(self.condition(batch)) if self.training else self.condition(batch)
-        out = self.net(x_t, t, **cond)
-        alpha_t, sigma_t = self.schedule.alpha_sigma(t, x0)
-        target = training_target(self.prediction_type, x0=x0, noise=noise, alpha_t=alpha_t, sigma_t=sigma_t)
-        weight = self.loss_weight(self.schedule.snr(t), prediction_type=self.prediction_type)
-        return diffusion_loss(out, target, weight)
+        return training_loss(
+            self.net,
+            x0,
+            process=self.process,
+            objective=self.objective,
+            noise_levels=self.noise_levels,
+            weighting=self.loss_weight,
+            cond=cond,
+            generator=generator,
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format,
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch)
@@ -170,10 +191,17 @@ class DiffusionSystem(L.LightningModule):
         x_T: torch.Tensor | None = None,
         cond: dict[str, torch.Tensor] | None = None,
         guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Sequence[float] | None = None,
+        guide: nn.Module | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Draw images in [-1, 1]: x_T ~ N(0, I) -> sampler(net, CFG) -> x0 -> decode."""
+        """Draw images in [-1, 1]: x_T ~ N(0, I) -> sampler(net, guidance) -> x0 -> decode.
+
+        Guidance (``diffusion/guidance.py``): CFG at ``guidance_scale``, ``guidance_rescale`` (Lin et al. 2023),
+        ``guidance_interval`` [lo, hi] in k-diffusion sigma (Kynkaanniemi et al. 2024), or autoguidance by a
+        weaker ``guide`` net of the same kind in place of the unconditional branch (Karras et al. 2024)."""
         if x_T is None:
             if num_samples is None:
                 raise ValueError("give num_samples or x_T")
@@ -181,18 +209,23 @@ class DiffusionSystem(L.LightningModule):
             x_T = torch.randn((num_samples, *self.sample_shape), generator=generator, device=device)
         x_T = x_T.to(self.device)
         cond = cond or {}
-        uncond = self.null_condition(x_T.shape[0]) if cond and guidance_scale != 1.0 else None
+        uncond = (
+            self.null_condition(x_T.shape[0]) if cond and guidance_scale != 1.0 and guide is None else None
+        )
         was_training = self.training
         self.eval()
         try:
             x0 = sampler(
                 self.net,
                 x_T,
-                self.schedule,
-                prediction_type=self.prediction_type,
+                self.process,
+                prediction_type=self.objective,
                 cond=cond,
                 uncond=uncond,
                 guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                guidance_interval=guidance_interval,
+                guide=guide,
                 generator=generator,
                 progress=progress,
             )

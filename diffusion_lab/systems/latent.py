@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 
-from diffusion_lab.diffusion import NoiseSchedule
 from diffusion_lab.diffusion.utils import randn_like
 from diffusion_lab.nets.autoencoder import autoencoder_checkpoint_block, load_autoencoder
 from diffusion_lab.nets.text import TextEncoder
@@ -18,7 +16,7 @@ from diffusion_lab.systems.diffusion import DiffusionSystem
 
 
 class LatentDiffusionSystem(DiffusionSystem):
-    """DDPM training on x0 = scale_factor * z, z ~ q(z | image) of a frozen AutoencoderKL; samples are decoded.
+    """Diffusion training (any formulation) on x0 = scale_factor * z, z ~ q(z | image) of a frozen AutoencoderKL; samples are decoded.
 
     Conditioning: class labels (when the net has `num_classes`) and/or text (when a `text_encoder` is
     given: batch captions -> context (B, L, D) + mask for the net's cross-attention). Classifier-free
@@ -31,37 +29,16 @@ class LatentDiffusionSystem(DiffusionSystem):
     def __init__(
         self,
         *,
-        net: nn.Module,
-        schedule: NoiseSchedule,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        lr_scheduler: Callable[..., Any] | None = None,
-        prediction_type: str = "eps",
-        loss_weighting: str = "uniform",
-        loss_weighting_opts: dict[str, float] | None = None,
-        cond_drop_prob: float = 0.1,
-        image_size: int,
         autoencoder_ckpt: str,
         text_encoder: TextEncoder | None = None,
         latent_cache: str | None = None,
-        compile: bool = False,
-        compile_options: dict[str, Any] | None = None,
-        channels_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            net=net,
-            schedule=schedule,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            prediction_type=prediction_type,
-            loss_weighting=loss_weighting,
-            loss_weighting_opts=loss_weighting_opts,
-            cond_drop_prob=cond_drop_prob,
-            image_size=image_size,
-            compile=compile,
-            compile_options=compile_options,
-            channels_last=channels_last,
+        """``kwargs``: everything DiffusionSystem takes (net, process, objective, optimizer, ...)."""
+        super().__init__(**kwargs)
+        self.save_hyperparameters(
+            ignore=["net", "process", "schedule", "optimizer", "lr_scheduler", "text_encoder", "kwargs"]
         )
-        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler", "text_encoder"])
         autoencoder, scale_factor = load_autoencoder(autoencoder_ckpt)
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         self.scale_factor = float(scale_factor)
