@@ -40,7 +40,7 @@ from diffusion_lab.metrics.generate import balanced_labels, generate
 from diffusion_lab.metrics.kid import kernel_inception_distance
 from diffusion_lab.metrics.prdc import precision_recall
 from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
-from diffusion_lab.sample import load_system, resolve_device
+from diffusion_lab.sample import guidance_options, load_system, resolve_device
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
@@ -130,6 +130,7 @@ def load_or_generate(
     labels: torch.Tensor | None,
     prompts: list[str] | None,
     progress: bool,
+    guidance_opts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The cell's samples from `path` when it holds this checkpoint's, else sampled now and saved there."""
     if path.is_file():
@@ -153,6 +154,7 @@ def load_or_generate(
         labels=labels,
         prompts=prompts,
         progress=progress,
+        guidance_opts=guidance_opts,
     ):
         chunk = to_uint8(x)
         if images is None:
@@ -292,8 +294,15 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         if text and cfg.prompt_scorer and "prompt_adherence" in cfg.metrics
         else None
     )
-    guidance = [float(g) for g in cfg.guidance_scales] if (labels is not None or text) else [1.0]
+    guidance_opts = guidance_options(cfg, model, device=device)
+    guided = labels is not None or text or guidance_opts["guide"] is not None
+    guidance = [float(g) for g in cfg.guidance_scales] if guided else [1.0]
     ckpt_id = md5sum(cfg.ckpt)
+    extra = {  # guidance refinements change the samples: keep their cache apart
+        "rescale": guidance_opts["guidance_rescale"] or None,
+        "interval": "-".join(f"{v:g}" for v in guidance_opts["guidance_interval"] or []) or None,
+        "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
+    }
 
     rows: list[dict[str, Any]] = []
     if cfg.reference_split is not None:
@@ -306,6 +315,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         stem = cell_name(name, steps, g, cfg.seed, cfg.num_samples)
         if opts:  # options change the samples: keep their cache apart
             stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
+        stem += "".join(f"_{k}-{v}" for k, v in extra.items() if v is not None)
         data = load_or_generate(
             model,
             out / "samples" / f"{stem}.npz",
@@ -318,6 +328,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             labels=labels,
             prompts=prompts,
             progress=cfg.progress,
+            guidance_opts=guidance_opts,
         )
         row: dict[str, Any] = {
             "sampler": name,

@@ -71,6 +71,30 @@ def load_system(path: str | Path, *, device: str | torch.device = "cpu"):
     return model, config
 
 
+def load_guide(path: str | Path, model, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The net of a guide checkpoint for autoguidance (Karras et al. 2024): a weaker model of the same kind
+    (same process, prediction type and conditioning), e.g. an earlier checkpoint of the same run."""
+    guide, _ = load_system(path, device=device)
+    for what in ("process", "objective"):
+        mine, theirs = getattr(model, what, None), getattr(guide, what, None)
+        if repr(mine) != repr(theirs):
+            raise ValueError(f"guide_ckpt {path} has another {what} ({theirs!r}) than the model ({mine!r})")
+    for what in ("num_classes", "is_text_conditional", "sample_shape"):
+        if getattr(model, what, None) != getattr(guide, what, None):
+            raise ValueError(f"guide_ckpt {path} differs from the model in {what}: it cannot guide it")
+    return guide.net
+
+
+def guidance_options(cfg: DictConfig, model, *, device: str | torch.device) -> dict[str, Any]:
+    """guidance_rescale / guidance_interval / guide (from guide_ckpt) of a sample or evaluate config."""
+    interval = cfg.get("guidance_interval")
+    return {
+        "guidance_rescale": float(cfg.get("guidance_rescale") or 0.0),
+        "guidance_interval": None if interval is None else [float(v) for v in interval],
+        "guide": load_guide(cfg.guide_ckpt, model, device=device) if cfg.get("guide_ckpt") else None,
+    }
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +142,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     except OSError as e:
         raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
     cond, record = build_condition(model, n=cfg.n, class_label=cfg.class_label, prompt=cfg.prompt)
+    guidance = guidance_options(cfg, model, device=device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x_T = torch.randn((cfg.n, *model.sample_shape), generator=g, device=device)
     chunks = []
@@ -128,9 +153,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
                 sampler=sampler,
                 x_T=x_T[i : i + cfg.batch_size],
                 cond=part,
-                guidance_scale=cfg.guidance_scale if part else 1.0,
+                guidance_scale=cfg.guidance_scale if part or guidance["guide"] is not None else 1.0,
                 generator=g,
                 progress=True,
+                **guidance,
             ).cpu()
         )
     images = to_uint8(torch.cat(chunks))
@@ -149,6 +175,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "n": cfg.n,
         "seed": cfg.seed,
         "guidance_scale": cfg.guidance_scale,
+        "guidance_rescale": guidance["guidance_rescale"],
+        "guidance_interval": guidance["guidance_interval"],
+        "guide_ckpt": cfg.get("guide_ckpt"),
         "out": str(out),
     }
     (out / "sample.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -136,6 +136,11 @@ class Denoiser:
 
     def __call__(self, x: Tensor, t: float, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) at x_t = x with x_t = alpha x0 + sigma eps; t is the process's noise level."""
+        if alpha == 0 and self.objective.prediction_type == "eps":
+            raise ValueError(
+                "eps prediction cannot give x0 where alpha = 0 (zero terminal SNR, flow at t = 1): use v, x0 or "
+                "flow prediction, or a k-diffusion sampler (euler, heun, dpmpp_2m, ...) that floors alpha"
+            )
         integral = isinstance(t, int) or (self.process.discrete and float(t).is_integer())
         t_batch = torch.full((len(x),), t, dtype=torch.long if integral else torch.float32, device=x.device)
         x_in, level = self.objective.net_input(x, t_batch, alpha, sigma, self.process)

@@ -327,7 +327,7 @@ def _tau(grid: Grid, i: int) -> float:
     return grid.sigma[i] / (grid.alpha[i] + grid.sigma[i])
 
 
-@register_sampler("flow_euler", grid_options=())
+@register_sampler("flow_euler", spacing="trailing", flavour="ddim")
 def flow_euler(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """Euler on the flow ODE dy/dtau = u (Liu et al. 2023; Lipman et al. 2023); as diffusers'
     FlowMatchEulerDiscreteScheduler on the flow process."""
@@ -339,7 +339,7 @@ def flow_euler(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     return y * (grid.alpha[-1] + grid.sigma[-1])
 
 
-@register_sampler("flow_heun", nfe=lambda steps: 2 * steps - 1, grid_options=())
+@register_sampler("flow_heun", nfe=lambda steps: 2 * steps - 1, spacing="trailing", flavour="ddim")
 def flow_heun(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """Heun on the flow ODE dy/dtau = u, Euler on the last step to tau = 0 (SiT, Ma et al. 2024); as diffusers'
     FlowMatchHeunDiscreteScheduler on the flow process."""

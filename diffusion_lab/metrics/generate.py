@@ -58,11 +58,15 @@ def generate(
     guidance_scale: float = 1.0,
     labels: torch.Tensor | None = None,
     prompts: Sequence[str] | None = None,
+    guidance_opts: dict | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (start, stop, images in [-1, 1] on the model's device) for this rank's chunks of `num_samples`."""
+    """Yield (start, stop, images in [-1, 1] on the model's device) for this rank's chunks of `num_samples`.
+
+    ``guidance_opts``: guidance_rescale / guidance_interval / guide (autoguidance) for ``model.sample``."""
+    guidance_opts = dict(guidance_opts or {})
     device = model.device
     chunks = list(iter_chunks(num_samples, batch_size, rank=rank, world_size=world_size))
     for j, start, stop in tqdm(chunks, desc="chunks", disable=not progress or len(chunks) < 2, leave=False):
@@ -73,8 +77,9 @@ def generate(
             sampler=sampler,
             x_T=x_T,
             cond=cond,
-            guidance_scale=guidance_scale if cond else 1.0,
+            guidance_scale=guidance_scale if cond or guidance_opts.get("guide") is not None else 1.0,
             generator=g,
             progress=progress,
+            **guidance_opts,
         )
         yield start, stop, images
