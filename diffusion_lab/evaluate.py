@@ -374,8 +374,12 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, trai
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
             continue
-        if not str(node.get("_target_", "")).endswith("WandbLogger"):
-            log.warning("evaluate logs to wandb only; logger %s ignored (metrics.csv holds the table)", name)
+        target = str(node.get("_target_", ""))
+        if not target.endswith("WandbLogger"):
+            if not target.endswith("CSVLogger"):  # CSV: metrics.csv is evaluate's own
+                log.warning(
+                    "evaluate logs to wandb only; logger %s ignored (metrics.csv holds the table)", name
+                )
             continue
         run_dir = Path(cfg.ckpt).resolve().parent.parent  # <run>/checkpoints/last.ckpt
         kwargs: dict[str, Any] = {"save_dir": str(out)}
