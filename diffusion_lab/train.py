@@ -283,8 +283,10 @@ def main(cfg: DictConfig) -> float | None:
         except BaseException:
             finish_wandb(exit_code=1)  # the sweep's next job starts a run of its own
             raise
-        # what a sweeper (Optuna) optimises: a quality figure, not the loss (its scale depends on the objective)
-        return optimized_value(summary, cfg.get("optimized_metric"), required=sweep)
+        # what a sweeper (Optuna) optimises: a quality figure, not the loss (its scale depends on the objective);
+        # a grid sweep (Hydra's basic sweeper) of runs without that figure is fine
+        optimizing = sweep and not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper")
+        return optimized_value(summary, cfg.get("optimized_metric"), required=optimizing)
 
 
 if __name__ == "__main__":
