@@ -24,9 +24,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.diffusion import get_sampler
+from diffusion_lab.images import log_image
 from diffusion_lab.metrics.features import (
     FEATURE_EXTRACTORS,
     ClassifierFeatures,
@@ -383,8 +385,12 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, trai
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
             continue
-        if not str(node.get("_target_", "")).endswith("WandbLogger"):
-            log.warning("evaluate logs to wandb only; logger %s ignored (metrics.csv holds the table)", name)
+        target = str(node.get("_target_", ""))
+        if not target.endswith("WandbLogger"):
+            if not target.endswith("CSVLogger"):  # CSV: metrics.csv is evaluate's own
+                log.warning(
+                    "evaluate logs to wandb only; logger %s ignored (metrics.csv holds the table)", name
+                )
             continue
         run_dir = Path(cfg.ckpt).resolve().parent.parent  # <run>/checkpoints/last.ckpt
         kwargs: dict[str, Any] = {"save_dir": str(out)}
@@ -400,7 +406,7 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, trai
         logger.log_table(
             key="eval/metrics", columns=columns, data=[[r.get(c) for c in columns] for r in rows]
         )
-        logger.log_image(key="eval/metrics_vs_nfe", images=[str(out / "metrics_vs_nfe.png")])
+        log_image([logger], "eval/metrics_vs_nfe", out / "metrics_vs_nfe.png")
         logger.experiment.finish()
         log.info("logged eval/metrics to wandb under %s", out / "wandb")
 
@@ -510,6 +516,7 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet()
     torch.set_float32_matmul_precision("high")
     evaluate(cfg)
 

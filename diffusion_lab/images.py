@@ -49,3 +49,29 @@ def save_png(image: np.ndarray, path: str | os.PathLike, *, min_size: int = 256)
 def save_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, *, nrow: int) -> Path:
     """Grid of images -> PNG at `path`."""
     return save_png(make_grid(images, nrow=nrow), path)
+
+
+def log_image(
+    loggers, key: str, image: np.ndarray | str | os.PathLike, *, step: int | None = None
+) -> list[str]:
+    """Send one image (uint8 (H, W, C), or a PNG path) to every Lightning logger that can take images, chosen by
+    what it offers: `log_image` (wandb), `experiment.add_image` (TensorBoard), `experiment.log_image` with a
+    `run_id` (MLflow: artifact `<key>/step_XXXXXX.png`). Others (CSV) keep only the PNG. Returns the logger names
+    that took it."""
+    if not isinstance(image, np.ndarray):
+        with Image.open(image) as im:
+            image = np.asarray(im.convert("RGB"))
+    took = []
+    for logger in loggers:
+        experiment = logger.experiment
+        if callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=key, images=[image], step=step)
+        elif callable(getattr(experiment, "add_image", None)):
+            experiment.add_image(key, image, step, dataformats="HWC")
+        elif callable(getattr(experiment, "log_image", None)) and getattr(logger, "run_id", None):
+            name = f"{key}.png" if step is None else f"{key}/step_{step:06d}.png"
+            experiment.log_image(logger.run_id, image, artifact_file=name)
+        else:
+            continue
+        took.append(type(logger).__name__)
+    return took

@@ -5,8 +5,11 @@ are found below it (a `.hydra/overrides.yaml` or a `summary.json`), evaluate fol
 (one row per sampler x steps x guidance). Each run is named by the overrides that set it apart from the other
 runs (the ones all runs share and `hydra.*` / `paths.*` are left out). Writes into OUT (default: DIR):
 
-  report.md            the runs table (summary.json's numbers per run) and, when present, the evaluations
-  report.csv           the same runs table, with one column per distinguishing override key
+  report.md            the runs table (summary.json's numbers per run; values shared by every run listed once
+                       above it), mean +- std over seeds when runs differ only by `seed`, and the evaluations
+  report.csv           the same runs table, with one column per distinguishing override key (all columns)
+  report_seeds.csv     per configuration (runs that differ only by `seed`): n, mean and std of each number
+  final_grids.png      a montage of each run's last sample grid, labelled by run
   report_eval.csv      every evaluate row, tagged with its run (only when evaluate folders were found)
   loss_curves.png      training (and validation) loss against step from each run's csv/metrics.csv
   final_metrics.png    one bar chart per summary metric that differs between runs
@@ -261,20 +264,32 @@ def write_markdown(
     columns: list[str],
     erows: list[dict[str, Any]],
     plots: list[Path],
+    srows: Sequence[dict[str, Any]] = (),
 ) -> None:
     common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)] if runs else []
+    constant = constant_columns(rows, columns)
     lines = ["# Report", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     if runs:
         lines += [f"{len(runs)} run(s)."]
         if common and len(runs) > 1:
             lines += ["Overrides shared by every run: " + " ".join(f"`{o}`" for o in common)]
+        if constant:
+            lines += [
+                "",
+                "Same in every run: " + ", ".join(f"{k} = {_md_cell(v)}" for k, v in constant.items()),
+            ]
         lines += ["", "## Runs", ""]
-        lines += markdown_table(rows, ["run", *columns, "folder"])
+        lines += markdown_table(rows, ["run", *(c for c in columns if c not in constant), "folder"])
         lines += [
             "",
             "Values are each run's `summary.json` (`final_train_loss` is the last step's loss). Losses of "
             "different prediction types or loss weightings are on different scales: compare quality metrics.",
         ]
+    if srows:
+        varying = [c for c in columns if c not in constant and any(f"{c}_mean" in r for r in srows)]
+        table = [{"run": r["run"], "seeds": r["n"], **{c: _mean_std(r, c) for c in varying}} for r in srows]
+        lines += ["", "## Over seeds (mean ± std)", ""] + markdown_table(table, ["run", "seeds", *varying])
+        lines += ["", "Runs that differ only by `seed`, grouped; std is the sample standard deviation."]
     if erows:
         ecols: list[str] = []
         for r in erows:
@@ -283,6 +298,61 @@ def write_markdown(
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     path.write_text("\n".join(lines) + "\n")
+
+
+def constant_columns(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """{column: value} of the summary columns with one and the same value in every run (with 2+ runs)."""
+    if len(rows) < 2:
+        return {}
+    out = {}
+    for c in columns:
+        values = [r.get(c) for r in rows]
+        if values[0] is not None and all(v == values[0] for v in values):
+            out[c] = values[0]
+    return out
+
+
+def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs that differ only by `seed`, by the label of what they share (their other distinguishing overrides);
+    only groups of 2+ runs."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        rest = {k: v for k, v in run.varying.items() if k != "seed"}
+        label = ", ".join(f"{k}={v}" for k, v in rest.items() if v != "") or "all runs"
+        groups.setdefault(label, []).append(run)
+    return {label: members for label, members in groups.items() if len(members) > 1}
+
+
+def seed_rows(groups: dict[str, list[Run]], columns: list[str]) -> list[dict[str, Any]]:
+    """One row per seed group: n, and mean / std (sample std, ddof 1) of each summary number."""
+    rows = []
+    for label, members in groups.items():
+        row: dict[str, Any] = {"run": label, "n": len(members)}
+        for c in columns:
+            values = [float(v) for v in ((m.summary or {}).get(c) for m in members) if _is_num(v)]
+            if len(values) >= 2:
+                mean = sum(values) / len(values)
+                row[f"{c}_mean"] = mean
+                row[f"{c}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        rows.append(row)
+    return rows
+
+
+def _mean_std(row: dict[str, Any], column: str) -> str:
+    if f"{column}_mean" not in row:
+        return ""
+    return f"{_fmt(row[f'{column}_mean'])} ± {_fmt(row[f'{column}_std'])}"
+
+
+def final_grid(run: Run) -> Path | None:
+    """The run's last sample grid: the summary's last `sample_grids` entry, else the newest samples/*.png."""
+    listed = [Path(p) for p in (run.summary or {}).get("sample_grids") or []]
+    for path in reversed(listed):
+        for candidate in (path, run.path / "samples" / path.name):  # moved folders: look beside the run
+            if candidate.is_file():
+                return candidate
+    found = sorted((run.path / "samples").glob("step_*.png"))
+    return found[-1] if found else None
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -395,6 +465,29 @@ def plot_final_metrics(runs: list[Run], columns: list[str], path: Path) -> Path 
         ax.margins(x=0.25)
         ax.grid(True, axis="x", alpha=0.3)
     for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_final_grids(runs: list[Run], path: Path) -> Path | None:
+    """A montage of each run's final sample grid (one panel per run, titled by its label)."""
+    from PIL import Image
+
+    grids = [(run.label, final_grid(run)) for run in runs]
+    grids = [(label, g) for label, g in grids if g is not None]
+    if not grids:
+        return None
+    ncols = min(4, len(grids))
+    nrows = math.ceil(len(grids) / ncols)
+    fig = _figure(3.2 * ncols, 3.5 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (label, grid) in zip(axes, grids):
+        with Image.open(grid) as im:
+            ax.imshow(im.convert("RGB"), interpolation="nearest")
+        ax.set_title(label, fontsize="x-small", wrap=True)
+        ax.axis("off")
+    for ax in axes[len(grids) :]:
         ax.set_visible(False)
     fig.savefig(path, dpi=110)
     return path
@@ -513,13 +606,18 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
     written: dict[str, Any] = {"runs": len(runs), "evaluations": len(evals), "out": str(out_dir)}
     files = []
     plots = []
+    srows = seed_rows(seed_groups(runs), columns)
     if runs:
         write_csv(rows, out_dir / "report.csv")
         files.append(out_dir / "report.csv")
         plots += [
             plot_loss_curves(runs, out_dir / "loss_curves.png"),
             plot_final_metrics(runs, columns, out_dir / "final_metrics.png"),
+            plot_final_grids(runs, out_dir / "final_grids.png"),
         ]
+    if srows:
+        write_csv(srows, out_dir / "report_seeds.csv")
+        files.append(out_dir / "report_seeds.csv")
     if erows:
         write_csv(erows, out_dir / "report_eval.csv")
         files.append(out_dir / "report_eval.csv")
@@ -533,9 +631,10 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
         columns=columns,
         erows=erows,
         plots=plots,
+        srows=srows,
     )
     files = [out_dir / "report.md", *files, *plots]
-    written.update({"files": [str(f) for f in files], "rows": rows, "eval_rows": erows})
+    written.update({"files": [str(f) for f in files], "rows": rows, "eval_rows": erows, "seed_rows": srows})
     return written
 
 

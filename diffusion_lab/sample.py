@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.checkpoint import CheckpointError
 from diffusion_lab.callbacks.run_config import CHECKPOINT_KEY
+from diffusion_lab.console import quiet
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.images import save_grid
 from diffusion_lab.validation import exit_on_user_error, state_mismatch
@@ -188,6 +189,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
+    quiet()
     with exit_on_user_error((InstantiationException, OmegaConfBaseException)):
         sample(cfg)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,14 +18,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import ProgressBar, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.callbacks.ema import KeepRawWeights
+from diffusion_lab.callbacks.progress import StepProgressBar
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
+from diffusion_lab.console import print_config_tree, quiet
 from diffusion_lab.validation import check_config, check_resume, ensure_writable_dir, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -43,11 +48,16 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def build_loggers(cfg: DictConfig, *, sweep: dict[str, Any] | None = None) -> list:
     """The configured loggers; inside a sweep (`sweep_info()`) wandb runs are grouped by the sweep."""
-    return [
+    loggers = [
         instantiate(node, **sweep_logger_kwargs(node, sweep, task_name=cfg.get("task_name")))
         for node in (cfg.get("logger") or {}).values()
         if node is not None
     ]
+    for lg in loggers:  # Lightning's WandbLogger passes anonymous=None, which wandb >= 0.19 warns about
+        init = getattr(lg, "_wandb_init", None)
+        if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+            del init["anonymous"]
+    return loggers
 
 
 def sweep_info() -> dict[str, Any] | None:
@@ -73,8 +83,8 @@ def sweep_group(sweep_dir: str | Path) -> str:
 
 def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_name: str | None) -> dict:
     """WandbLogger arguments that group the jobs of one sweep: `group` = the sweep, `job_type` = the task,
-    `tags` = the job's overrides, `name` = job number + overrides; only where the config leaves them unset
-    (null, or the default name `${task_name}`)."""
+    `name` = job number + overrides, only where the config leaves them unset (null, or the default name
+    `${task_name}`); the job's overrides are added to the configured `tags`."""
     if sweep is None or not str(node.get("_target_", "")).endswith("WandbLogger"):
         return {}
     out: dict[str, Any] = {}
@@ -82,8 +92,7 @@ def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_
         out["group"] = sweep_group(sweep["dir"])
     if node.get("job_type") is None:
         out["job_type"] = task_name
-    if node.get("tags") is None:
-        out["tags"] = [o[:64] for o in sweep["overrides"]]  # wandb's tag limit: 64 characters
+    out["tags"] = [*(node.get("tags") or []), *(o[:64] for o in sweep["overrides"])]  # wandb: 64 characters
     if node.get("name") == task_name:
         out["name"] = f"{sweep['num']}_{sweep['override_dirname']}"[:128]
     return out
@@ -95,7 +104,10 @@ def train(
     """Fit the configured system; write the last checkpoint and `summary.json` into the run dir (rank 0)."""
     start = time.time()
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
-    check_config(OmegaConf.to_container(cfg, resolve=True))  # wrong types, unknown keys: one line
+    config = OmegaConf.to_container(cfg, resolve=True)
+    check_config(config)  # wrong types, unknown keys: one line
+    if cfg.get("print_config", True):
+        show_config(config, out_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
@@ -110,6 +122,7 @@ def train(
     callbacks.append(RunConfig(config=OmegaConf.to_container(cfg, resolve=True)))
     callbacks.append(RandomState())  # global RNG states in checkpoints: a resumed run draws the same noise
     callbacks.extend(extra_callbacks or [])
+    callbacks.extend(default_progress_bar(cfg, callbacks))
     loggers = build_loggers(cfg, sweep=sweep_info())
     # every checkpoint write is atomic (temp file + fsync + rename) and refuses NaN weights
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
@@ -118,9 +131,7 @@ def train(
     )
     if multirun:
         check_multirun_launch(trainer)
-    for lg in loggers:
-        if hasattr(lg, "log_hyperparams"):
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_hyperparameters(loggers, config, model=model, datamodule=datamodule)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -144,8 +155,76 @@ def train(
     if trainer.is_global_zero:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("summary: %s", json.dumps(summary))
+        log_summary(trainer.loggers, summary, params=config, step=trainer.global_step)
     finish_wandb()
     return summary
+
+
+@rank_zero_only
+def show_config(config: dict[str, Any], out_dir: Path) -> None:
+    """Print the composed config as a tree (rich) and save it as `<run>/config_tree.log` (rank 0)."""
+    print_config_tree(config, save_to=out_dir / "config_tree.log")
+
+
+def default_progress_bar(cfg: DictConfig, callbacks: list[L.Callback]) -> list[L.Callback]:
+    """[StepProgressBar()] unless the trainer shows no bar or a progress bar callback is configured."""
+    if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
+        return []
+    return [StepProgressBar()]
+
+
+def log_hyperparameters(loggers: list, config: dict[str, Any], *, model, datamodule) -> None:
+    """The composed config, once, to every logger. Lightning would also log the system's (and data module's)
+    `save_hyperparameters()` values as flat duplicate keys: that is switched off (what
+    `save_hyperparameters(logger=False)` sets), the composed config holds them all."""
+    for part in (model, datamodule):
+        if hasattr(part, "_log_hyperparams"):
+            part._log_hyperparams = False
+    for lg in loggers:
+        lg.log_hyperparams(config)
+
+
+def summary_figures(summary: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a run summary (what goes into loggers' summaries / HParams)."""
+    return {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def log_summary(loggers: list, summary: dict[str, Any], *, params: dict[str, Any], step: int) -> None:
+    """The run's final figures (summary.json's numbers) into every logger, after Lightning has finalized them:
+    wandb's run summary; TensorBoard's HParams dashboard (`log_hyperparams(params, metrics)`, written once,
+    here); other loggers (CSV, MLflow) as `summary/<name>` metrics at the last step."""
+    figures = summary_figures(summary)
+    if not figures:
+        return
+    prefixed = {f"summary/{k}": v for k, v in figures.items()}
+    for lg in loggers:
+        run_summary = getattr(lg.experiment, "summary", None)
+        if callable(getattr(run_summary, "update", None)):  # wandb
+            run_summary.update(figures)
+            continue
+        if "metrics" in inspect.signature(lg.log_hyperparams).parameters:  # TensorBoard
+            lg.log_hyperparams(params, metrics=prefixed)
+        else:
+            lg.log_metrics(prefixed, step=step)
+        lg.finalize("success")  # flush / close again
+
+
+def optimized_value(summary: dict[str, Any], name: str | None, *, required: bool) -> float | None:
+    """`summary[name]` as a float, what `main` returns for a sweeper to optimise (`optimized_metric`). A missing
+    or non-numeric value is an error in a sweep (`required`), else None."""
+    if not name:
+        return None
+    value = summary.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if required:
+        numbers = ", ".join(sorted(summary_figures(summary))) or "none"
+        raise ValueError(f"optimized_metric={name!r} is not a number in summary.json; its numbers: {numbers}")
+    return None
 
 
 def finish_wandb(exit_code: int = 0) -> None:
@@ -179,12 +258,12 @@ def check_multirun_launch(trainer: L.Trainer) -> None:
 def _save_final(trainer: L.Trainer, model: L.LightningModule, path, *, raw: dict | None) -> None:
     """Save `last.ckpt` with the raw weights in the module (EMA keeps its own copy), then restore the EMA ones."""
     if raw is None or not any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         return
     ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(raw)
     try:
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
     finally:
         model.load_state_dict(ema_state)
 
@@ -197,13 +276,17 @@ def _float(x) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # a failed sweep job must not end the other jobs
+    quiet()
     with exit_on_user_error((InstantiationException, OmegaConfBaseException), reraise=sweep):
         try:
             summary = train(cfg, multirun=sweep)
         except BaseException:
             finish_wandb(exit_code=1)  # the sweep's next job starts a run of its own
             raise
-    return summary.get("final_train_loss")
+        # what a sweeper (Optuna) optimises: a quality figure, not the loss (its scale depends on the objective);
+        # a grid sweep (Hydra's basic sweeper) of runs without that figure is fine
+        optimizing = sweep and not str(HydraConfig.get().sweeper.get("_target_", "")).endswith("BasicSweeper")
+        return optimized_value(summary, cfg.get("optimized_metric"), required=optimizing)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,21 @@ def test_precision_recall_toy_manifolds():
     assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_precision_recall_match_the_prdc_package(k):
+    """metrics/prdc.py against the reference implementation of density / coverage (Naeem et al., `prdc`)."""
+    prdc = pytest.importorskip("prdc", reason="pip install prdc (in the dev extra)")
+    rng = np.random.default_rng(k)
+    real = rng.normal(size=(300, 16))
+    fake = (
+        rng.normal(size=(250, 16)) * 1.3 + 0.4
+    )  # overlapping, not the same: every figure strictly in (0, 1)
+    theirs = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+    ours = precision_recall(real, fake, k=k)
+    assert all(0.0 < theirs[name] < 1.0 for name in ("precision", "recall", "coverage")), theirs
+    assert ours == pytest.approx({name: float(v) for name, v in theirs.items()}, abs=1e-12)
+
+
 def test_inception_score_and_conditional_accuracy_oracles():
     k = 10
     assert inception_score(np.zeros((100, k)))[0] == pytest.approx(1.0)  # uninformative

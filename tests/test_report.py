@@ -179,3 +179,33 @@ def test_report_errors_are_clear(tmp_path, caplog):
         main([str(tmp_path / "empty")])
     assert e.value.code == 1
     assert "error: no runs under" in caplog.text
+
+
+def test_seeds_are_aggregated_constants_listed_once_and_final_grids_montaged(tmp_path):
+    """Four runs, noise x seed: mean +- std per noise over its two seeds, `steps` (4 everywhere) listed once,
+    one montage panel per run from its last sample grid."""
+    accuracy = {("linear", 0): 0.50, ("linear", 1): 0.70, ("cosine", 0): 0.90, ("cosine", 1): 0.80}
+    for j, ((noise, seed), acc) in enumerate(accuracy.items()):
+        run = tmp_path / "sweep" / str(j)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- noise={noise}\n- seed={seed}\n")
+        grid = run / "samples" / "step_000004.png"
+        grid.parent.mkdir()
+        Image.fromarray(np.full((20, 20), 60 * j, dtype=np.uint8)).save(grid)
+        summary = {"steps": 4, "class_accuracy": acc, "sample_grids": [str(grid)]}
+        (run / "summary.json").write_text(json.dumps(summary))
+    result = report([tmp_path / "sweep"])
+    by_label = {r["run"]: r for r in result["seed_rows"]}
+    assert set(by_label) == {"noise=linear", "noise=cosine"} and by_label["noise=linear"]["n"] == 2
+    assert by_label["noise=linear"]["class_accuracy_mean"] == pytest.approx(0.60)
+    assert by_label["noise=linear"]["class_accuracy_std"] == pytest.approx(0.1414213562)  # sample std
+    assert by_label["noise=cosine"]["class_accuracy_mean"] == pytest.approx(0.85)
+    with open(tmp_path / "sweep" / "report_seeds.csv", newline="") as fh:
+        assert float(list(csv.DictReader(fh))[0]["class_accuracy_mean"]) == pytest.approx(0.60)
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "Same in every run: steps = 4" in md
+    header = next(line for line in md.splitlines() if line.startswith("| run | class_accuracy"))
+    assert "steps" not in header  # the constant column is not repeated per run
+    assert "| noise=linear | 2 | 0.6 ± 0.1414 |" in md
+    montage = _png(tmp_path / "sweep" / "final_grids.png")
+    assert "](final_grids.png)" in md and montage.shape[1] > 4 * 100  # four panels side by side

@@ -115,6 +115,14 @@ def test_resume_repeats_the_uninterrupted_run(reference, tmp_path, step):
     ]
 
 
+def test_resume_with_worker_processes_repeats_the_uninterrupted_run(reference, tmp_path):
+    """Mid-epoch resume with 2 loader workers (the reference ran without): the same batches, the same losses."""
+    ckpt = reference / "checkpoints" / "step000007.ckpt"
+    run = tmp_path / "resumed"
+    train(compose("train", [*RESUME, "data.num_workers=2", f"ckpt_path={ckpt}"], run))
+    assert_same_curve(run, reference, after=7)
+
+
 def test_resume_into_another_architecture_lists_what_differs(reference, tmp_path):
     ckpt = reference / "checkpoints" / "step000004.ckpt"
     over = [*RESUME, f"ckpt_path={ckpt}"]

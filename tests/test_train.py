@@ -123,16 +123,6 @@ def test_bad_checkpoint_fails_with_one_line(tmp_path):
         load_system(tmp_path / "missing.ckpt")
 
 
-def test_wandb_logger_works_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    over = [*TINY, "logger=wandb", "callbacks.class_accuracy=null"]
-    train(compose("train", over, tmp_path / "run"))
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    assert list(runs[0].glob("run-*.wandb"))  # the offline log that `wandb sync` uploads
-    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))  # the sample grids
-
-
 class _LastRawWeights(Callback):
     """Records the raw weights after every optimizer step (the last record = the final raw weights)."""
 

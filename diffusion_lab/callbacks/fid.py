@@ -102,6 +102,7 @@ class FID(Callback):
                 batch_size=self.batch_size,
                 device=device,
                 write=True,
+                progress=True,
             )
             set_real_features(metric, feats)
         else:
@@ -128,6 +129,7 @@ class FID(Callback):
             labels=labels,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            progress=trainer.is_global_zero,
         ):
             metric.update(images, real=False)
         value = float(metric.compute())

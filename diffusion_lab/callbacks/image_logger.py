@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import averaged_module
 from diffusion_lab.diffusion.samplers import Sampler
-from diffusion_lab.images import save_grid
+from diffusion_lab.images import log_image, save_grid
 
 
 class ImageLogger(Callback):
@@ -79,13 +79,14 @@ class ImageLogger(Callback):
             guidance_scale=self.guidance_scale,
             seed=self.seed,
             prompts=prompts,
+            progress=True,
         )
         path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}.png"
         save_grid(images, path, nrow=nrow)
         if prompts and getattr(model, "is_text_conditional", False):
             path.with_suffix(".txt").write_text("".join(f"row {i}: {p}\n" for i, p in enumerate(prompts)))
         self.paths.append(str(path))
-        log_image_to_loggers(trainer, "samples", path)
+        log_image(trainer.loggers, "samples", path, step=trainer.global_step)
         return path
 
     @property
@@ -102,6 +103,7 @@ def sample_grid(
     seed: int,
     class_labels: list[int] | None = None,
     prompts: list[str] | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Fixed-seed samples for a grid: one row per prompt (text models) or per class, else a square grid."""
     device = model.device
@@ -121,7 +123,12 @@ def sample_grid(
     else:
         n, nrow = num_samples, max(1, int(math.sqrt(num_samples)))
     images = model.sample(
-        sampler=sampler, num_samples=n, cond=cond, guidance_scale=guidance_scale, generator=g
+        sampler=sampler,
+        num_samples=n,
+        cond=cond,
+        guidance_scale=guidance_scale,
+        generator=g,
+        progress=progress,
     )
     return images, nrow
 
@@ -132,18 +139,3 @@ def default_prompts(datamodule, n: int = 8) -> list[str]:
     if val is None or getattr(val, "captioner", None) is None:
         return [""]
     return [val.caption(i) for i in range(min(n, len(val)))]
-
-
-def log_image_to_loggers(trainer: L.Trainer, key: str, path: Path) -> None:
-    """Send a PNG to wandb / TensorBoard loggers when present (CSV keeps only the file)."""
-    for logger in trainer.loggers:
-        name = type(logger).__name__
-        if name == "WandbLogger":
-            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
-        elif name == "TensorBoardLogger":
-            import numpy as np
-            from PIL import Image
-
-            logger.experiment.add_image(
-                key, np.asarray(Image.open(path).convert("RGB")), trainer.global_step, dataformats="HWC"
-            )

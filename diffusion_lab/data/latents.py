@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from diffusion_lab.data.base import ImageDataset
 
@@ -73,7 +74,8 @@ def encode_dataset(
 ) -> dict[str, torch.Tensor]:
     """{mean, std}: float32 (N, V, C, h, w) posterior moments; V = 2 (as is, flipped) when the data flips, else 1."""
     means, stds = [], []
-    for x in DataLoader(_Images(dataset), batch_size=batch_size, shuffle=False):
+    loader = DataLoader(_Images(dataset), batch_size=batch_size, shuffle=False)
+    for x in tqdm(loader, desc="latent cache: encoding", leave=False):
         b, v = x.shape[:2]
         post = autoencoder.encode(x.flatten(0, 1).to(device))  # over (B V, C, h, w)
         means.append(post.mean.float().cpu().unflatten(0, (b, v)))

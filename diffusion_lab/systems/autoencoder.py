@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from diffusion_lab.images import log_image
 from diffusion_lab.metrics.image_quality import psnr, ssim
 from diffusion_lab.nets.autoencoder import AutoencoderKL, autoencoder_checkpoint_block
 from diffusion_lab.nets.discriminator import hinge_d_loss
@@ -249,12 +250,10 @@ class AutoencoderSystem(L.LightningModule):
         grid, self._grid = self._grid, None
         if grid is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        from diffusion_lab.callbacks.image_logger import log_image_to_loggers
-
         path = Path(self.trainer.default_root_dir) / "samples" / f"recon_step{self.train_step:06d}.png"
         save_reconstruction_grid(*grid, path)
         self.grid_paths.append(str(path))
-        log_image_to_loggers(self.trainer, "reconstructions", path)
+        log_image(self.trainer.loggers, "reconstructions", path, step=self.trainer.global_step)
 
     # ----------------------------------------------------------------- latent scale factor
     @torch.no_grad()

@@ -77,17 +77,14 @@ class DiffusionSystem(L.LightningModule):
         self.compile_net = compile
         # torch.compile kwargs: mode, backend, fullgraph, ...
         self.compile_options = dict(compile_options or {})
-        self._compiled = False
         self.channels_last = channels_last
         if channels_last:  # NHWC activations: faster convolutions on tensor-core GPUs (slower on this CPU)
             self.net.to(memory_format=torch.channels_last)
-
-    def configure_model(self) -> None:
-        """`compile=True`: torch.compile the net in place (parameter names, hence checkpoints, unchanged).
-        The UNet compiles to one graph without breaks; EMA copies and samplers reuse it."""
-        if self.compile_net and not self._compiled:
+        if compile:
+            # in place and lazy (compiled at the first call): parameter names, hence checkpoints, unchanged; the
+            # UNet compiles to one graph without breaks; EMA copies (deep copies) and samplers reuse it. Not in
+            # `configure_model`: overriding that hook makes Lightning's WeightAveraging warn about sharding.
             self.net.compile(**self.compile_options)
-            self._compiled = True
 
     # ----------------------------------------------------------------- conditioning
     @property
