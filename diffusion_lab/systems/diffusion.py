@@ -64,7 +64,10 @@ class DiffusionSystem(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.objective = get_objective(prediction_type, **(objective_opts or {}))
-        if prediction_type == "eps" and float(self.process.coefficients(torch.tensor([self.process.t_max]))[0][0]) == 0:
+        if (
+            prediction_type == "eps"
+            and float(self.process.coefficients(torch.tensor([self.process.t_max]))[0][0]) == 0
+        ):
             raise ValueError(
                 f"eps prediction cannot recover x0 where alpha = 0, as at the end of the {self.process.name} process "
                 "(zero terminal SNR, flow at t = 1): use model.prediction_type=v, x0 or flow"
