@@ -21,9 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
-from diffusion_lab.callbacks.ema import KeepRawWeights
+from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
+from diffusion_lab.run_folder import (
+    AlreadyFinished,
+    RunLock,
+    launched_as_rank_zero,
+    merge_summary,
+    plan_resume,
+    write_summary,
+)
 from diffusion_lab.validation import check_config, check_resume, ensure_writable_dir, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -92,24 +100,53 @@ def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_
 def train(
     cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
 ) -> dict[str, Any]:
+    """Fit the configured system (`fit`) while this process owns the run folder: a second run started in the same
+    folder stops with one line instead of mixing its checkpoints and records into this one's."""
+    out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
+    lock = RunLock(out_dir).acquire() if launched_as_rank_zero() else None
+    try:
+        return fit(cfg, extra_callbacks=extra_callbacks, multirun=multirun)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def fit(
+    cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
+) -> dict[str, Any]:
     """Fit the configured system; write the last checkpoint and `summary.json` into the run dir (rank 0)."""
     start = time.time()
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     check_config(OmegaConf.to_container(cfg, resolve=True))  # wrong types, unknown keys: one line
+    try:  # ckpt_path, or the folder's newest checkpoint with auto_resume; records rewound to it
+        resume = plan_resume(
+            out_dir,
+            ckpt_path=cfg.get("ckpt_path"),
+            auto_resume=bool(cfg.get("auto_resume", False)),
+            max_steps=int(cfg.trainer.get("max_steps", -1)),
+            rank_zero=launched_as_rank_zero(),
+        )
+    except AlreadyFinished as done:
+        log.info("%s", done)
+        return json.loads((out_dir / "summary.json").read_text())
+    ckpt_path = str(resume.path) if resume else None
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, _convert_="all")
-    if cfg.get("ckpt_path"):  # a different architecture fails here, listing the differing config keys
+    if ckpt_path:  # a different architecture fails here, listing the differing config keys
         model_config = OmegaConf.to_container(cfg.model, resolve=True)
-        for diff in check_resume(cfg.ckpt_path, model=model, model_config=model_config):
+        for diff in check_resume(ckpt_path, model=model, model_config=model_config):
             log.warning("resuming with a changed model config: %s", diff)
-    keep_raw = KeepRawWeights()  # first: its on_train_end runs before EMA swaps the EMA weights in
-    callbacks = [keep_raw, *build_callbacks(cfg)]
+    # signals save last.ckpt after the current step and exit 128 + signal; the final last.ckpt is written
+    # as training ends (first callback: before EMA swaps the EMA weights in and before the end-of-run evaluation)
+    stop = GracefulStop(dirpath=out_dir / "checkpoints")
+    callbacks = [stop.final_checkpoint, *build_callbacks(cfg)]
     callbacks.append(RunConfig(config=OmegaConf.to_container(cfg, resolve=True)))
     callbacks.append(RandomState())  # global RNG states in checkpoints: a resumed run draws the same noise
     callbacks.extend(extra_callbacks or [])
+    callbacks.append(stop)  # last: its step-end save comes after the EMA update
     loggers = build_loggers(cfg, sweep=sweep_info())
     # every checkpoint write is atomic (temp file + fsync + rename) and refuses NaN weights
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
@@ -122,10 +159,10 @@ def train(
         if hasattr(lg, "log_hyperparams"):
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_or_interrupt(trainer, model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     last = out_dir / "checkpoints" / "last.ckpt"
-    _save_final(trainer, model, last, raw=keep_raw.state)
+    _save_final(trainer, model, last, raw=stop.final_checkpoint.raw_state)
     summary: dict[str, Any] = {
         "task_name": cfg.get("task_name"),
         "output_dir": str(out_dir),
@@ -135,17 +172,32 @@ def train(
         "final_train_loss": _float(trainer.callback_metrics.get("train/loss")),
         "final_val_loss": _float(trainer.callback_metrics.get("val/loss")),
         "last_checkpoint": str(last),
+        "resumed_from": ckpt_path,
     }
     summary.update(
         {k: _float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "eval/"))}
     )
     for part in (model, *callbacks):  # systems and callbacks may contribute (scale factor, grids, accuracy)
         summary.update(getattr(part, "summary", None) or {})
-    if trainer.is_global_zero:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("summary: %s", json.dumps(summary))
+    if trainer.is_global_zero:  # a run resumed into its folder keeps the earlier figures (`earlier`)
+        summary = merge_summary(out_dir / "summary.json", summary)
+        write_summary(out_dir / "summary.json", summary)
+        log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if k != "earlier"}))
     finish_wandb()
     return summary
+
+
+def fit_or_interrupt(trainer: L.Trainer, model: L.LightningModule, **kwargs: Any) -> None:
+    """`trainer.fit`, where a stop on SIGTERM never exits 0: Lightning's own handling (a SIGTERM before
+    GracefulStop took over the signals) raises a SystemExit with code 0; it becomes `Interrupted` (143)."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(model, **kwargs)
+    except SIGTERMException as e:
+        raise Interrupted(signal.SIGTERM, f"stopped by SIGTERM at step {trainer.global_step}") from e
 
 
 def finish_wandb(exit_code: int = 0) -> None:
