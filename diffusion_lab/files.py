@@ -67,15 +67,21 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, what: str = "file")
 
 
 class HashingWriter:
-    """A binary file wrapper that hashes (SHA-256) what is written through it."""
+    """A binary file wrapper that hashes (SHA-256) what is written through it and keeps the OSError a write
+    raised (`error`: torch.save reports it as a RuntimeError of its zip writer)."""
 
     def __init__(self, f) -> None:
         self.f = f
         self.sha256 = hashlib.sha256()
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha256.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
     def flush(self) -> None:
         self.f.flush()

@@ -146,6 +146,10 @@ def plan_resume(
     `auto_resume` meets a finished run with its summary). Resuming into the folder itself moves metric rows
     logged after the checkpoint aside (`rewind_metrics`). Only `rank_zero` checks and touches the records."""
     run_dir = Path(run_dir)
+    if not isinstance(auto_resume, bool):
+        raise RunFolderError(f"auto_resume must be true or false, got {auto_resume!r}")
+    if ckpt_path is not None and not isinstance(ckpt_path, str):
+        raise RunFolderError(f"ckpt_path must be a file path, got {ckpt_path!r}")
     if ckpt_path:
         point = resume_point(ckpt_path)
     else:

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import WeightAveraging
@@ -32,7 +33,13 @@ from diffusion_lab.run_folder import (
     plan_resume,
     write_summary,
 )
-from diffusion_lab.validation import check_config, check_resume, ensure_writable_dir, exit_on_user_error
+from diffusion_lab.validation import (
+    check_config,
+    check_model_fits_data,
+    check_resume,
+    ensure_writable_dir,
+    exit_on_user_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +129,7 @@ def fit(
         resume = plan_resume(
             out_dir,
             ckpt_path=cfg.get("ckpt_path"),
-            auto_resume=bool(cfg.get("auto_resume", False)),
+            auto_resume=cfg.get("auto_resume", False),
             max_steps=int(cfg.trainer.get("max_steps", -1)),
             rank_zero=launched_as_rank_zero(),
         )
@@ -135,6 +142,7 @@ def fit(
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, _convert_="all")
+    check_model_fits_data(model, datamodule)  # image size the net cannot halve, too few classes: one line
     if ckpt_path:  # a different architecture fails here, listing the differing config keys
         model_config = OmegaConf.to_container(cfg.model, resolve=True)
         for diff in check_resume(ckpt_path, model=model, model_config=model_config):
@@ -243,6 +251,26 @@ def _save_final(trainer: L.Trainer, model: L.LightningModule, path, *, raw: dict
 
 def _float(x) -> float | None:
     return None if x is None else float(x)
+
+
+class RunDirCheck(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): creates `hydra.run.dir` / `hydra.sweep.dir` (as Hydra would next;
+    `${now:...}` is cached, so it is the same folder) and ends in one line and exit 1 when that fails, instead of
+    Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path: str, key: str) -> None:
+        try:
+            ensure_writable_dir(path, f"run folder ({key})")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

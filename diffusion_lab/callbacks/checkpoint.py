@@ -75,6 +75,7 @@ def atomic_save(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    writer = None
     try:
         readable_by_default(fd)
         with os.fdopen(fd, "wb") as f:
@@ -85,8 +86,10 @@ def atomic_save(
         if checksum:
             write_checksum(path, writer.sha256.hexdigest())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+            raise writer.error from e  # a full disk, not torch's "unexpected pos" that followed it
         raise
     _fsync_dir(path.parent)
 
