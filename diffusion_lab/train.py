@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -107,18 +109,18 @@ def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_
 def train(
     cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
 ) -> dict[str, Any]:
-    """Fit the configured system (`fit`) while this process owns the run folder: a second run started in the same
-    folder stops with one line instead of mixing its checkpoints and records into this one's."""
+    """Fit the configured system (`run_training`) while this process owns the run folder: a second run started in
+    the same folder stops with one line instead of mixing its checkpoints and records into this one's."""
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     lock = RunLock(out_dir).acquire() if launched_as_rank_zero() else None
     try:
-        return fit(cfg, extra_callbacks=extra_callbacks, multirun=multirun)
+        return run_training(cfg, extra_callbacks=extra_callbacks, multirun=multirun)
     finally:
         if lock is not None:
             lock.release()
 
 
-def fit(
+def run_training(
     cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
 ) -> dict[str, Any]:
     """Fit the configured system; write the last checkpoint and `summary.json` into the run dir (rank 0)."""
@@ -198,10 +200,6 @@ def fit(
 def fit_or_interrupt(trainer: L.Trainer, model: L.LightningModule, **kwargs: Any) -> None:
     """`trainer.fit`, where a stop on SIGTERM never exits 0: Lightning's own handling (a SIGTERM before
     GracefulStop took over the signals) raises a SystemExit with code 0; it becomes `Interrupted` (143)."""
-    import signal
-
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
         trainer.fit(model, **kwargs)
     except SIGTERMException as e:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_lab.run_folder import RunFolderError, RunLock, merge_summary, newest_checkpoint, rewind_metrics
 from diffusion_lab.train import train
 
 from conftest import TINY, compose
@@ -69,7 +68,7 @@ def test_a_finished_run_is_neither_rerun_nor_overwritten(tmp_path):
     files = {p: p.read_bytes() for p in [run / "summary.json", run / "csv" / "metrics.csv"]}
     last = run / "checkpoints" / "last.ckpt"
     with pytest.raises(
-        RunFolderError, match=r"nothing to train: .*last\.ckpt is at step 6 and trainer\.max_steps=6"
+        ValueError, match=r"nothing to train: .*last\.ckpt is at step 6 and trainer\.max_steps=6"
     ):
         train(compose("train", [*over, f"ckpt_path={last}"], run))
     # auto_resume (a requeued job): nothing to do, exit 0, the earlier summary returned
@@ -84,14 +83,12 @@ def test_a_fresh_run_never_starts_over_a_used_folder(tmp_path):
     over = [*RUN, "trainer.max_steps=2", "callbacks.image_logger=null", "callbacks.class_accuracy=null"]
     train(compose("train", over, run))
     summary = (run / "summary.json").read_bytes()
-    with pytest.raises(
-        RunFolderError, match=r"already holds a run \(checkpoints/last\.ckpt.*auto_resume=true"
-    ):
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints/last\.ckpt.*auto_resume=true"):
         train(compose("train", over, run))
     other = tmp_path / "other"  # another run's checkpoint imported into a used folder: refused as well
     train(compose("train", over, other))
     ckpt = other / "checkpoints" / "step000002.ckpt"
-    with pytest.raises(RunFolderError, match="already holds a run"):
+    with pytest.raises(ValueError, match="already holds a run"):
         train(compose("train", [*over, "trainer.max_steps=4", f"ckpt_path={ckpt}"], run))
     assert (run / "summary.json").read_bytes() == summary
 
@@ -104,6 +101,8 @@ def test_auto_resume_passes_over_a_damaged_checkpoint(tmp_path, caplog):
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside a weight tensor: torch.load would not notice
     last.write_bytes(bytes(data))
+    from diffusion_lab.run_folder import newest_checkpoint
+
     point = newest_checkpoint(run)
     assert point.path.name == "step000006.ckpt" and point.step == 6
     assert "skipping" in caplog.text and "corrupted" in caplog.text
@@ -120,20 +119,22 @@ time.sleep(60)
 
 
 def test_one_owner_per_folder_and_a_killed_owner_leaves_it_free(tmp_path):
+    from diffusion_lab.run_folder import RunLock
+
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFolderError, match=rf"in use by another run \(pid {holder.pid} on "):
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid} on "):
             RunLock(tmp_path).acquire()
         holder.kill()  # kill -9: no clean-up runs, the kernel drops the lock
         holder.wait()
     finally:
         holder.kill()
     with RunLock(tmp_path):  # free again
-        with pytest.raises(RunFolderError, match=f"pid {os.getpid()}"):
+        with pytest.raises(ValueError, match=f"pid {os.getpid()}"):
             RunLock(tmp_path).acquire()
     RunLock(tmp_path).acquire().release()
 
@@ -145,10 +146,9 @@ def test_two_processes_racing_for_one_folder(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, "-m", "diffusion_lab.train", *over, f"hydra.run.dir={run}"]
-    procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
-    ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, **pipes) for _ in range(2)]
+    errs = [p.communicate(timeout=300)[0] for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 1], errs
     loser = errs[codes.index(1)]
@@ -162,6 +162,8 @@ def test_two_processes_racing_for_one_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------------ helpers
 def test_rewind_and_merge_helpers(tmp_path):
+    from diffusion_lab.run_folder import merge_summary, rewind_metrics
+
     path = tmp_path / "metrics.csv"
     path.write_text("step,train/loss,eval/x\n0,1.0,\n1,0.9,\n2,0.8,\n2,,0.5\n3,0.7,\n")
     assert rewind_metrics(path, step=2, training_finished=False) == 3
