@@ -72,8 +72,8 @@ def check_generative(config: dict, path: str | Path) -> None:
     cls = locate(target) if target else None
     if not (isinstance(cls, type) and issubclass(cls, DiffusionSystem)):
         raise CheckpointError(
-            f"{path} is a checkpoint of {target.rsplit('.', 1)[-1] or 'an unknown system'}"
-            f" (task {config.get('task_name')!r}), not of a diffusion model: give a diffusion run's checkpoint"
+            f"{path} is not a diffusion model checkpoint: it holds a {target.rsplit('.', 1)[-1] or 'system'}"
+            f" (task {config.get('task_name')!r}); give the checkpoint of a diffusion run"
         )
 
 

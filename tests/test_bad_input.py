@@ -281,7 +281,7 @@ def other_checkpoints(tmp_path_factory) -> dict[str, Path]:
 def test_sampling_a_checkpoint_that_is_not_a_diffusion_model(other_checkpoints, tmp_path, kind, system):
     cfg = _sample_cfg([f"ckpt={other_checkpoints[kind]}", f"out={tmp_path / 's'}"])
     with pytest.raises(
-        CheckpointError, match=rf"is a checkpoint of {system} .*not of a diffusion model"
+        CheckpointError, match=rf"is not a diffusion model checkpoint: it holds a {system} "
     ) as e:
         sample(cfg)
     _single_line(e)

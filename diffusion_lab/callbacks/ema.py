@@ -60,6 +60,8 @@ class WarmupEMA(EMAWeightAveraging):
     def _average(
         self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
     ) -> torch.Tensor:
+        if not averaged.is_floating_point():  # counters (BatchNorm's num_batches_tracked): the current value
+            return current
         return torch.lerp(current, averaged, self.current_decay)
 
 
