@@ -291,3 +291,33 @@ def test_max_time_as_typed_ends_where_the_schedule_ends(tmp_path):
     assert lr[peak_at] > 0.5 * PEAK
     assert all(lr[a] >= lr[b] for a, b in zip(steps[peak_at:], steps[peak_at + 1 :]))  # decays to the end
     assert lr[steps[-1]] < 0.3 * PEAK  # not cut off mid-way at a high LR
+
+
+class _EarlySigterm(Callback):
+    """A SIGTERM that Lightning's own handler caught before training began (it sets `received_sigterm`)."""
+
+    def on_train_start(self, trainer, pl_module):
+        trainer._signal_connector.received_sigterm = True
+
+
+def test_a_sigterm_caught_by_lightning_before_training_still_saves_and_exits_143(tmp_path):
+    with pytest.raises(SystemExit) as e:  # Lightning alone: SIGTERMException, exit code 0, nothing saved
+        train(compose("train", SIGNALLED, tmp_path), extra_callbacks=[_EarlySigterm()])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_slurm_warning_signal_saves_and_requeues_the_job(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # a stand-in that records how it was called
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train(compose("train", SIGNALLED, run), extra_callbacks=[_SendSignal(signal.SIGUSR1, at_step=3)])
+    assert e.value.code == 128 + signal.SIGUSR1
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]

@@ -106,6 +106,10 @@ class GracefulStop(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._phase = "train"
         self._install()  # after Lightning's own SIGTERM handler (registered just before): ours replaces it
+        if (
+            trainer.received_sigterm and self.received is None
+        ):  # it came in while Lightning's handler was in place
+            self.received = signal.SIGTERM
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = self.received is not None
