@@ -250,7 +250,9 @@ def planned(step: int, total: int, peak: float = PEAK) -> float:
 
 def test_any_max_steps_runs_and_a_finished_run_extends_on_a_replanned_schedule(tmp_path, caplog):
     run = tmp_path / "run"
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)]
     assert train(compose("train", LR_RUN, run))["steps"] == 10  # OneCycleLR: ZeroDivisionError at 10 steps
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)] == handlers
     summary = train(compose("train", [*LR_RUN, "trainer.max_steps=14", "auto_resume=true"], run))
     assert summary["steps"] == 14  # OneCycleLR: "Tried to step 11 times"
     lr = column(metrics(run), "lr-AdamW")

@@ -82,7 +82,11 @@ class GracefulStop(Callback):
                 return
 
     def _restore(self) -> None:
+        """Give back the handlers found at `_install`, where ours is still in place (Lightning's teardown, before
+        or after this, puts back the ones from before training)."""
         for sig, handler in self._previous.items():
+            if signal.getsignal(sig) != self._handle:
+                continue
             try:
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             except ValueError:

@@ -130,7 +130,12 @@ def trainer_horizon(module: nn.Module) -> tuple[float | None, Callable[[], float
 
         def time_fraction() -> float:
             elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
-            return elapsed / max(elapsed + remaining, 1e-9)
+            fraction = elapsed / max(elapsed + remaining, 1e-9)
+            if (
+                trainer.world_size > 1
+            ):  # every rank must step the same LR: rank 0's clock (ranks step together)
+                fraction = trainer.strategy.broadcast(fraction, src=0)
+            return fraction
 
     steps = trainer.max_steps if trainer.max_steps > 0 else math.inf
     if trainer.max_epochs not in (None, -1):  # epochs x batches (and max_steps when smaller)
