@@ -12,6 +12,7 @@ from einops import rearrange
 from PIL import Image
 
 from diffusion_lab.data.transforms import to_uint8
+from diffusion_lab.files import readable_by_default, writing
 
 
 def make_grid(
@@ -28,21 +29,24 @@ def make_grid(
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike, *, min_size: int = 256) -> Path:
-    """Write a uint8 (H, W, C) image atomically, upscaled (nearest) so small grids stay visible."""
+    """Write a uint8 (H, W, C) image atomically, upscaled (nearest) so small grids stay visible; a full disk or
+    an unwritable folder is one OutputError line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     scale = max(1, -(-min_size // max(img.size)))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(path, "image"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+        readable_by_default(fd)
+        os.close(fd)
+        try:
+            img.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
 
 

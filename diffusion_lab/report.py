@@ -108,7 +108,12 @@ def read_run(path: Path) -> Run:
         else []
     )
     summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    try:
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    except ValueError as e:  # truncated (a writer killed mid-write before train.py wrote it atomically)
+        raise ReportError(
+            f"{summary_file} is not valid JSON ({e}): truncated? rerun that run or remove it"
+        ) from e
     return Run(path=path, overrides=overrides, summary=summary)
 
 

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,20 +17,36 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
-from diffusion_lab.callbacks.ema import KeepRawWeights
+from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
 from diffusion_lab.callbacks.progress import StepProgressBar
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
 from diffusion_lab.console import print_config_tree, quiet
-from diffusion_lab.validation import check_config, check_resume, ensure_writable_dir, exit_on_user_error
+from diffusion_lab.run_folder import (
+    AlreadyFinished,
+    RunLock,
+    launched_as_rank_zero,
+    merge_summary,
+    plan_resume,
+    write_summary,
+)
+from diffusion_lab.validation import (
+    check_config,
+    check_model_fits_data,
+    check_resume,
+    ensure_writable_dir,
+    exit_on_user_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +118,20 @@ def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_
 def train(
     cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
 ) -> dict[str, Any]:
+    """Fit the configured system (`run_training`) while this process owns the run folder: a second run started in
+    the same folder stops with one line instead of mixing its checkpoints and records into this one's."""
+    out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
+    lock = RunLock(out_dir).acquire() if launched_as_rank_zero() else None
+    try:
+        return run_training(cfg, extra_callbacks=extra_callbacks, multirun=multirun)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(
+    cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
+) -> dict[str, Any]:
     """Fit the configured system; write the last checkpoint and `summary.json` into the run dir (rank 0)."""
     start = time.time()
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
@@ -108,21 +139,37 @@ def train(
     check_config(config)  # wrong types, unknown keys: one line
     if cfg.get("print_config", True):
         show_config(config, out_dir)
+    try:  # ckpt_path, or the folder's newest checkpoint with auto_resume; records rewound to it
+        resume = plan_resume(
+            out_dir,
+            ckpt_path=cfg.get("ckpt_path"),
+            auto_resume=cfg.get("auto_resume", False),
+            max_steps=int(cfg.trainer.get("max_steps", -1)),
+            rank_zero=launched_as_rank_zero(),
+        )
+    except AlreadyFinished as done:
+        log.info("%s", done)
+        return json.loads((out_dir / "summary.json").read_text())
+    ckpt_path = str(resume.path) if resume else None
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, _convert_="all")
-    if cfg.get("ckpt_path"):  # a different architecture fails here, listing the differing config keys
+    check_model_fits_data(model, datamodule)  # image size the net cannot halve, too few classes: one line
+    if ckpt_path:  # a different architecture fails here, listing the differing config keys
         model_config = OmegaConf.to_container(cfg.model, resolve=True)
-        for diff in check_resume(cfg.ckpt_path, model=model, model_config=model_config):
+        for diff in check_resume(ckpt_path, model=model, model_config=model_config):
             log.warning("resuming with a changed model config: %s", diff)
-    keep_raw = KeepRawWeights()  # first: its on_train_end runs before EMA swaps the EMA weights in
-    callbacks = [keep_raw, *build_callbacks(cfg)]
+    # signals save last.ckpt after the current step and exit 128 + signal; the final last.ckpt is written
+    # as training ends (first callback: before EMA swaps the EMA weights in and before the end-of-run evaluation)
+    stop = GracefulStop(dirpath=out_dir / "checkpoints")
+    callbacks = [stop.final_checkpoint, *build_callbacks(cfg)]
     callbacks.append(RunConfig(config=OmegaConf.to_container(cfg, resolve=True)))
     callbacks.append(RandomState())  # global RNG states in checkpoints: a resumed run draws the same noise
     callbacks.extend(extra_callbacks or [])
     callbacks.extend(default_progress_bar(cfg, callbacks))
+    callbacks.append(stop)  # last: its step-end save comes after the EMA update
     loggers = build_loggers(cfg, sweep=sweep_info())
     # every checkpoint write is atomic (temp file + fsync + rename) and refuses NaN weights
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
@@ -133,10 +180,10 @@ def train(
         check_multirun_launch(trainer)
     log_hyperparameters(loggers, config, model=model, datamodule=datamodule)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_or_interrupt(trainer, model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     last = out_dir / "checkpoints" / "last.ckpt"
-    _save_final(trainer, model, last, raw=keep_raw.state)
+    _save_final(trainer, model, last, raw=stop.final_checkpoint.raw_state)
     summary: dict[str, Any] = {
         "task_name": cfg.get("task_name"),
         "output_dir": str(out_dir),
@@ -146,15 +193,17 @@ def train(
         "final_train_loss": _float(trainer.callback_metrics.get("train/loss")),
         "final_val_loss": _float(trainer.callback_metrics.get("val/loss")),
         "last_checkpoint": str(last),
+        "resumed_from": ckpt_path,
     }
     summary.update(
         {k: _float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "eval/"))}
     )
     for part in (model, *callbacks):  # systems and callbacks may contribute (scale factor, grids, accuracy)
         summary.update(getattr(part, "summary", None) or {})
-    if trainer.is_global_zero:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("summary: %s", json.dumps(summary))
+    if trainer.is_global_zero:  # a run resumed into its folder keeps the earlier figures (`earlier`)
+        summary = merge_summary(out_dir / "summary.json", summary)
+        write_summary(out_dir / "summary.json", summary)
+        log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if k != "earlier"}))
         log_summary(trainer.loggers, summary, params=config, step=trainer.global_step)
     finish_wandb()
     return summary
@@ -227,6 +276,15 @@ def optimized_value(summary: dict[str, Any], name: str | None, *, required: bool
     return None
 
 
+def fit_or_interrupt(trainer: L.Trainer, model: L.LightningModule, **kwargs: Any) -> None:
+    """`trainer.fit`, where a stop on SIGTERM never exits 0: Lightning's own handling (a SIGTERM before
+    GracefulStop took over the signals) raises a SystemExit with code 0; it becomes `Interrupted` (143)."""
+    try:
+        trainer.fit(model, **kwargs)
+    except SIGTERMException as e:
+        raise Interrupted(signal.SIGTERM, f"stopped by SIGTERM at step {trainer.global_step}") from e
+
+
 def finish_wandb(exit_code: int = 0) -> None:
     """End this process's wandb run, if one is open: Lightning leaves it open, and the next job of a sweep
     (same process) would log into it instead of starting its own."""
@@ -270,6 +328,26 @@ def _save_final(trainer: L.Trainer, model: L.LightningModule, path, *, raw: dict
 
 def _float(x) -> float | None:
     return None if x is None else float(x)
+
+
+class RunDirCheck(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): creates `hydra.run.dir` / `hydra.sweep.dir` (as Hydra would next;
+    `${now:...}` is cached, so it is the same folder) and ends in one line and exit 1 when that fails, instead of
+    Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path: str, key: str) -> None:
+        try:
+            ensure_writable_dir(path, f"run folder ({key})")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -220,6 +220,32 @@ def check_resume(
     return diffs
 
 
+# ------------------------------------------------------------------------------------- model vs data
+def check_model_fits_data(model: torch.nn.Module, datamodule: Any) -> None:
+    """ConfigError (one line) when the model cannot take the data: a UNet that cannot halve the input size as
+    often as it has levels (the skip connections would not line up, or pixels be dropped), or fewer class
+    embeddings than the data has classes (higher labels would index past the table or hit the null class)."""
+    net = getattr(model, "net", None)
+    mult = (getattr(net, "init_kwargs", None) or {}).get("channel_mult")
+    shape = getattr(model, "sample_shape", None)
+    if mult and shape is not None:
+        factor = 2 ** (len(mult) - 1)
+        h, w = shape[-2:]
+        if h % factor or w % factor:
+            size = getattr(datamodule, "image_size", None)
+            where = f"data.image_size={size} gives" if size == h else "the data gives"
+            raise ConfigError(
+                f"{where} {h}x{w} inputs, which this UNet cannot halve {len(mult) - 1} time(s)"
+                f" (model.net.channel_mult={list(mult)}): use a multiple of {factor}, e.g. {-(-h // factor) * factor}"
+            )
+    ours, theirs = getattr(model, "num_classes", None), getattr(datamodule, "num_classes", None)
+    if ours is not None and theirs is not None and ours < theirs:
+        raise ConfigError(
+            f"model.net.num_classes={ours} is smaller than the data's {theirs} classes (labels 0..{theirs - 1}):"
+            f" set it to {theirs} (or null for an unconditional model)"
+        )
+
+
 # ------------------------------------------------------------------------------------------ output
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Create `path` and check a file can be written in it; ValueError with the OS's reason if not."""

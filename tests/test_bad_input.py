@@ -4,12 +4,14 @@ unwritable folders, and the CLI's `error: <cause>` with exit code 1 instead of a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import InstantiationException
@@ -225,3 +227,172 @@ def test_exit_on_user_error(monkeypatch, caplog):
     monkeypatch.setenv("DIFFUSION_LAB_TRACEBACK", "1")  # the switch for the full traceback
     with pytest.raises(CheckpointError), exit_on_user_error():
         raise CheckpointError("checkpoint not found: x.ckpt")
+
+
+# ------------------------------------------------------------------------ issue 15: each one line, nothing silent
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "data.image_size=7",
+            r"data\.image_size=7 gives 7x7 inputs, which this UNet cannot halve 1 time.*multiple of 2",
+        ),
+        ("model.net.num_classes=5", r"model\.net\.num_classes=5 is smaller than the data's 10 classes"),
+        ("data.val_fraction=1.0", r"data\.val_fraction=1\.0 must be a number in \[0, 1\)"),
+        ("data.val_fraction=-0.1", r"data\.val_fraction=-0\.1 must be a number in \[0, 1\)"),
+        ("data.test_fraction=0.95", r"leave nothing to train on"),
+        ("auto_resume=maybe", r"auto_resume must be true or false, got 'maybe'"),
+    ],
+)
+def test_model_data_and_run_mismatches_are_named(tmp_path, override, expected):
+    with pytest.raises((ValueError, InstantiationException)) as e:
+        train(compose("train", [*QUICK, override], tmp_path))
+    assert re.search(expected, _single_line(e)), _single_line(e)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def other_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny classifier and autoencoder runs: checkpoints of train.py that are not diffusion models."""
+    from experiment_fixtures import TINY_SHAPES
+
+    short = ["trainer.max_steps=1", "trainer.enable_progress_bar=false"]
+    runs = {
+        "classifier": ["experiment=digits_classifier", *short],
+        "autoencoder": [
+            "experiment=shapes_autoencoder",
+            *TINY_SHAPES,
+            *short,
+            "model.net.base_channels=8",
+            "model.scale_factor_batches=1",
+        ],
+    }
+    out = {}
+    for name, over in runs.items():
+        run = tmp_path_factory.mktemp(name)
+        train(compose("train", over, run))
+        out[name] = run / "checkpoints" / "last.ckpt"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "system"), [("classifier", "ClassifierSystem"), ("autoencoder", "AutoencoderSystem")]
+)
+def test_sampling_a_checkpoint_that_is_not_a_diffusion_model(other_checkpoints, tmp_path, kind, system):
+    cfg = _sample_cfg([f"ckpt={other_checkpoints[kind]}", f"out={tmp_path / 's'}"])
+    with pytest.raises(
+        CheckpointError, match=rf"is not a diffusion model checkpoint: it holds a {system} "
+    ) as e:
+        sample(cfg)
+    _single_line(e)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("guidance_scale=abc", "guidance_scale must be a number, got 'abc'"),
+        ("guidance_scale=nan", "guidance_scale must be a number, got nan"),
+        ("class_label=abc", "class_label must be an integer, got 'abc'"),
+        ("class_label=1.5", "class_label must be an integer, got 1.5"),
+        ("class_label=true", "class_label must be an integer, got True"),
+        ("n=abc", "n must be an integer, got 'abc'"),
+        ("batch_size=0", "batch_size must be >= 1, got 0"),
+        ("device=tpu9", "device='tpu9' is not a device"),
+    ],
+)
+def test_bad_sampling_values(checkpoints, tmp_path, override, expected):
+    cfg = _sample_cfg([f"ckpt={checkpoints['class']}", f"out={tmp_path / 's'}", override])
+    with pytest.raises(ValueError) as e:
+        sample(cfg)
+    assert expected in _single_line(e)
+    assert not (tmp_path / "s" / "grid.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(checkpoints, tmp_path):
+    cfg = _sample_cfg([f"ckpt={checkpoints['class']}", f"out={tmp_path / 's'}", "device=cuda"])
+    with pytest.raises(ValueError, match="device=cuda but CUDA is not available here: use device=cpu") as e:
+        sample(cfg)
+    _single_line(e)
+    with pytest.raises((ValueError, InstantiationException)) as e:  # training: Lightning's message, one line
+        train(compose("train", [*QUICK, "trainer.accelerator=cuda"], tmp_path / "run"))
+    assert "CUDAAccelerator" in _single_line(e)
+
+
+def test_a_class_label_given_as_3_0_is_class_3(checkpoints, tmp_path):
+    info = sample(_sample_cfg([f"ckpt={checkpoints['class']}", f"out={tmp_path / 's'}", "class_label=3.0"]))
+    assert (np.load(tmp_path / "s" / "samples.npz")["labels"] == 3).all() and info["n"] == 2
+
+
+def test_disk_full_while_writing_samples(checkpoints, tmp_path, monkeypatch):
+    import errno
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    cfg = _sample_cfg([f"ckpt={checkpoints['class']}", f"out={tmp_path / 's'}"])
+    with pytest.raises(ValueError, match=r"disk full: cannot write the image .*grid\.png") as e:
+        sample(cfg)
+    _single_line(e)
+    assert not list((tmp_path / "s").glob("*.tmp"))
+
+
+def test_a_checkpoint_with_changed_bytes_is_refused_by_sample(checkpoints, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad.ckpt"
+    shutil.copy(checkpoints["class"], bad)
+    shutil.copy(f"{checkpoints['class']}.sha256", f"{bad}.sha256")
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"bad\.ckpt is corrupted") as e:
+        sample(_sample_cfg([f"ckpt={bad}", f"out={tmp_path / 's'}"]))
+    _single_line(e)
+
+
+def test_a_prompt_longer_than_the_context_warns_how_many_tokens_were_dropped(caplog):
+    from diffusion_lab.nets.text import TransformerTextEncoder, WordTokenizer
+    from diffusion_lab.sample import warn_if_truncated
+
+    encoder = TransformerTextEncoder(
+        tokenizer=WordTokenizer(vocabulary="shapes", max_length=6), dim=8, depth=1, num_heads=2
+    )
+    assert warn_if_truncated(encoder, "a red square") == 0 and not caplog.records
+    assert warn_if_truncated(encoder, "a big red square at the top left") == 4  # 8 words + BOS, EOS in 6
+    assert (
+        "has 10 tokens but the text encoder's context holds 6: the last 4 token(s) were dropped"
+        in caplog.text
+    )
+    assert "(the model sees 'a big red square')" in caplog.text
+
+
+def test_a_truncated_summary_given_to_report(tmp_path, caplog):
+    from diffusion_lab.report import main as report_main
+
+    run = tmp_path / "sweep" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (run / "summary.json").write_text('{"steps": 700, "final_tr')
+    with pytest.raises(SystemExit) as e:
+        report_main([str(tmp_path / "sweep")])
+    assert e.value.code == 1
+    errors = [m for m in caplog.messages if m.startswith("error:")]
+    assert len(errors) == 1 and "summary.json is not valid JSON" in errors[0] and "\n" not in errors[0]
+
+
+@pytest.mark.slow
+def test_cli_unwritable_run_dir_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    r = _cli(
+        "diffusion_lab.train",
+        f"hydra.run.dir={tmp_path / 'a_file' / 'run'}",
+        tmp_path=tmp_path,
+        PYTHONPATH=str(REPO),
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert [ln for ln in out.splitlines() if ln.strip()] == [
+        f"error: cannot write the run folder (hydra.run.dir) {tmp_path / 'a_file' / 'run'}: Not a directory"
+    ]

@@ -89,7 +89,8 @@ def test_ddp_two_processes_on_cpu_then_resume(tmp_path):
     # one folder shared by both ranks: rank 1 logs beside rank 0 and writes no config of its own
     assert (run / "train_ddp_process_1.log").is_file() and (run / ".hydra" / "config.yaml").is_file()
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["last.ckpt", "step000002.ckpt", "step000004.ckpt", "step000006.ckpt"]  # no temp files
+    names = ["last.ckpt", "step000002.ckpt", "step000004.ckpt", "step000006.ckpt"]  # no temp files
+    assert ckpts == sorted(names + [f"{n}.sha256" for n in names])  # each with its checksum (rank 0 writes)
     losses = _metric(run, "train/loss")
     assert sorted(losses) == list(range(6))
     mid = torch.load(run / "checkpoints" / "step000004.ckpt", map_location="cpu", weights_only=False)

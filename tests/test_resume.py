@@ -1,9 +1,11 @@
-"""Exact resume: a run resumed from a checkpoint (mid-epoch, at an epoch end, after `kill -9`) repeats the
-uninterrupted run's per-step loss, learning rate and final raw + EMA weights; keep-last-K; architecture checks."""
+"""Exact resume: a run resumed from a checkpoint (mid-epoch, at an epoch end, after `kill -9`, after SIGTERM or
+Ctrl-C) repeats the uninterrupted run's per-step loss, learning rate and final raw + EMA weights; keep-last-K;
+architecture checks; an LR schedule that is re-planned when a run is extended or given another LR."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate as hydra_instantiate
+from lightning.pytorch.callbacks import Callback
 
 from diffusion_lab.callbacks.checkpoint import CheckpointError
 from diffusion_lab.train import train
@@ -165,3 +169,165 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run(reference, tmp_path):
     assert min(column(metrics(resumed), "train/loss")) == step
     assert_same_curve(resumed, reference, after=step)
     assert_same_weights(resumed / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
+
+
+# ------------------------------------------------------------------------------------------ signals
+def logged_steps(run: Path, key: str) -> list[int]:
+    """The `step` of every metrics.csv row holding `key`, in file order (each step once, in order)."""
+    with open(run / "csv" / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get(key) not in ("", None)]
+
+
+class _SendSignal(Callback):
+    """Sends this process a signal as the batch of `at_step` starts (a scheduler's SIGTERM, a Ctrl-C)."""
+
+    def __init__(self, sig: int, at_step: int) -> None:
+        self.sig, self.at_step = sig, at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.sig)
+
+
+SIGNALLED = [
+    *RESUME,
+    "callbacks.checkpoint.every_n_train_steps=100",
+]  # only the signal writes a mid-run checkpoint
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_exits_nonzero_and_the_run_resumes_exactly(reference, tmp_path, sig):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train(compose("train", SIGNALLED, run), extra_callbacks=[_SendSignal(sig, at_step=5)])
+    assert e.value.code == 128 + sig  # 143 for SIGTERM, 130 for SIGINT: the scheduler sees an unfinished job
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 6  # the step in flight
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+
+    summary = train(compose("train", [*SIGNALLED, "auto_resume=true"], run))  # the same folder, continued
+    assert summary["steps"] == STEPS and summary["resumed_from"] == str(last)
+    assert logged_steps(run, "train/loss") == list(range(STEPS))
+    assert_same_curve(run, reference, after=0)
+    assert_same_weights(last, reference / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_run_saves_and_it_resumes_to_the_same_weights(reference, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "diffusion_lab.train", *SIGNALLED, f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not (run / "samples" / "step_000004.png").exists():  # mid-run: the grid of step 4 is written
+            assert proc.poll() is None, f"training exited early: {proc.stdout.read()[-2000:]}"
+            assert time.time() < deadline, "no grid after 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        err, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and f"saved {run / 'checkpoints' / 'last.ckpt'}" in err
+    last = run / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 4 <= step < STEPS, f"the signal came too late (stopped at step {step})"
+
+    summary = train(compose("train", [*SIGNALLED, "auto_resume=true"], run))
+    assert summary["steps"] == STEPS
+    assert logged_steps(run, "train/loss") == list(range(STEPS))
+    assert_same_curve(run, reference, after=0)
+    assert_same_weights(last, reference / "checkpoints" / "last.ckpt")
+
+
+# ------------------------------------------------------------------------------------- LR schedule
+PEAK = 2e-3
+LR_RUN = [*TINY, "trainer.max_steps=10", "callbacks.class_accuracy=null", "callbacks.image_logger=null"]
+
+
+def planned(step: int, total: int, peak: float = PEAK) -> float:
+    """The configured schedule in closed form: 10% linear warm-up from 0.04 x peak, then a half cosine to 0."""
+    p = step / total
+    if p < 0.1:
+        return peak * (0.04 + 0.96 * p / 0.1)
+    return peak * 0.5 * (1 + math.cos(math.pi * (p - 0.1) / 0.9))
+
+
+def test_any_max_steps_runs_and_a_finished_run_extends_on_a_replanned_schedule(tmp_path, caplog):
+    run = tmp_path / "run"
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)]
+    assert train(compose("train", LR_RUN, run))["steps"] == 10  # OneCycleLR: ZeroDivisionError at 10 steps
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)] == handlers
+    summary = train(compose("train", [*LR_RUN, "trainer.max_steps=14", "auto_resume=true"], run))
+    assert summary["steps"] == 14  # OneCycleLR: "Tried to step 11 times"
+    lr = column(metrics(run), "lr-AdamW")
+    assert logged_steps(run, "lr-AdamW") == list(range(14))
+    expected = [planned(s, 10) for s in range(10)] + [planned(s, 14) for s in range(10, 14)]
+    torch.testing.assert_close(torch.tensor([lr[s] for s in range(14)]), torch.tensor(expected))
+    assert "LR schedule re-planned: 14 steps now, 10 in the checkpoint" in caplog.text
+
+
+def test_a_lower_lr_given_on_resume_wins_and_is_reported(tmp_path, caplog):
+    over = [*LR_RUN, "trainer.max_steps=12"]
+    train(compose("train", over, tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step000008.ckpt"
+    run = tmp_path / "b"
+    train(compose("train", [*over, f"ckpt_path={ckpt}", "model.optimizer.lr=1e-4"], run))
+    lr = column(metrics(run), "lr-AdamW")
+    assert sorted(lr) == list(range(8, 12))
+    for s in range(8, 12):  # the restored scheduler and optimizer state held 2e-3
+        assert lr[s] == pytest.approx(planned(s, 12, peak=1e-4), rel=1e-6)
+    assert "learning rate: the config's 0.0001 replaces the checkpoint's 0.002" in caplog.text
+
+
+def test_max_time_as_typed_ends_where_the_schedule_ends(tmp_path):
+    from lightning.pytorch.callbacks import Timer
+
+    cfg = compose("train", [*LR_RUN, "trainer.max_time=00:00:15:00"], tmp_path / "cfg")
+    trainer = hydra_instantiate(cfg.trainer, logger=False)
+    timer = next(cb for cb in trainer.callbacks if isinstance(cb, Timer))
+    assert timer.time_remaining() == 900  # DD:HH:MM:SS
+
+    run = tmp_path / "run"
+    over = [*LR_RUN, "trainer.max_steps=-1", "trainer.max_time=00:00:00:05"]
+    summary = train(compose("train", over, run))
+    lr = column(metrics(run), "lr-AdamW")
+    steps = sorted(lr)
+    assert summary["steps"] >= 5 and steps == list(range(summary["steps"]))
+    peak_at = max(steps, key=lambda s: lr[s])
+    assert lr[peak_at] > 0.5 * PEAK
+    assert all(lr[a] >= lr[b] for a, b in zip(steps[peak_at:], steps[peak_at + 1 :]))  # decays to the end
+    assert lr[steps[-1]] < 0.3 * PEAK  # not cut off mid-way at a high LR
+
+
+class _EarlySigterm(Callback):
+    """A SIGTERM that Lightning's own handler caught before training began (it sets `received_sigterm`)."""
+
+    def on_train_start(self, trainer, pl_module):
+        trainer._signal_connector.received_sigterm = True
+
+
+def test_a_sigterm_caught_by_lightning_before_training_still_saves_and_exits_143(tmp_path):
+    with pytest.raises(SystemExit) as e:  # Lightning alone: SIGTERMException, exit code 0, nothing saved
+        train(compose("train", SIGNALLED, tmp_path), extra_callbacks=[_EarlySigterm()])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_slurm_warning_signal_saves_and_requeues_the_job(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # a stand-in that records how it was called
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train(compose("train", SIGNALLED, run), extra_callbacks=[_SendSignal(signal.SIGUSR1, at_step=3)])
+    assert e.value.code == 128 + signal.SIGUSR1
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]

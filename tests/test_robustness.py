@@ -1,8 +1,11 @@
-"""Crash safety: atomic checkpoint writes (also under SIGKILL), no NaN weights on disk, the non-finite step guard."""
+"""Crash safety: atomic checkpoint writes (also under SIGKILL), no NaN weights on disk, the non-finite step guard,
+checksums that catch changed bytes, a full disk reported as such, an EMA that never holds the initial weights."""
 
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import math
 import os
 import signal
@@ -99,7 +102,7 @@ def test_checkpoint_io_refuses_nan_weights_and_reports_unwritable_paths(tmp_path
         io.load_checkpoint(tmp_path / "a.ckpt")["current_model_state"]["w"], torch.ones(3)
     )
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint"):
         io.save_checkpoint(good, tmp_path / "file" / "b.ckpt")
     (tmp_path / "trunc.ckpt").write_bytes((tmp_path / "a.ckpt").read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
@@ -178,3 +181,105 @@ def test_a_blow_up_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
 def test_guard_rejects_a_bad_limit():
     with pytest.raises(ValueError, match="max_consecutive_nonfinite must be >= 1"):
         NonFiniteGuard(max_consecutive_nonfinite=0)
+
+
+# ------------------------------------------------------------------------------- damaged files, full disks
+class _FullDisk:
+    """Stands in for `os` in the checkpoint module: files it opens take 1000 bytes, then ENOSPC."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def fdopen(self, fd, *args, **kwargs):
+        f = self._real.fdopen(fd, *args, **kwargs)
+        write, room = f.write, [1000]
+
+        def limited(data):
+            if len(data) > room[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            room[0] -= len(data)
+            return write(data)
+
+        f.write = limited
+        return f
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import diffusion_lab.callbacks.checkpoint as checkpoint_module
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoint_module, "os", _FullDisk(os))
+    with pytest.raises(CheckpointError, match=r"disk full: cannot write the checkpoint .*last\.ckpt") as e:
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(100_000)}, "global_step": 2}, path)
+    assert "previous checkpoint is intact" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and io.load_checkpoint(path)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # no temp file
+
+
+def test_a_checkpoint_with_changed_bytes_is_refused_and_old_ones_without_checksum_load(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "a.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.arange(100_000.0)}, "global_step": 3}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (tmp_path / "a.ckpt.sha256").read_text().startswith(f"{digest}  a.ckpt")  # `sha256sum -c` reads it
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside the tensor: torch.load reads it without complaint
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=False)["global_step"] == 3
+    with pytest.raises(CheckpointError, match=r"a\.ckpt is corrupted: its SHA-256 differs") as e:
+        io.load_checkpoint(path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "a.ckpt.sha256").unlink()  # a checkpoint from before checksums: loads as it did
+    assert io.load_checkpoint(path)["global_step"] == 3
+
+
+def test_ema_averages_from_the_first_step_with_a_warmup(tmp_path):
+    """No checkpoint holds the initial weights: the EMA copies step 1, then decays by 1 - (1 + t)^-0.75."""
+
+    class _Raw(Callback):
+        def __init__(self) -> None:
+            self.after = []
+
+        def on_train_start(self, trainer, pl_module):
+            self.initial = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.after.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    raw = _Raw()
+    over = [*TINY, "trainer.max_steps=3", "callbacks.class_accuracy=null", "callbacks.image_logger=null"]
+    train(compose("train", over, tmp_path), extra_callbacks=[raw])
+    ema = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    d1, d2 = (min(0.995, 1 - (1 + t) ** -0.75) for t in (1, 2))  # the configured warm-up, gamma 1, power 3/4
+    for k, w in ema.items():
+        if not w.is_floating_point():
+            continue
+        w1, w2, w3 = (step[k] for step in raw.after)
+        expected = torch.lerp(w3, torch.lerp(w2, w1, d1), d2)
+        torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-6, msg=k)
+    changed = [
+        k for k in ema if ema[k].is_floating_point() and not torch.equal(raw.after[-1][k], raw.initial[k])
+    ]
+    assert changed and not any(torch.equal(ema[k], raw.initial[k]) for k in changed)
+
+
+def test_sampling_a_checkpoint_whose_ema_never_began_uses_the_raw_weights(tmp_path, caplog):
+    from diffusion_lab.sample import load_system
+
+    over = [*TINY, "trainer.max_steps=2", "callbacks.class_accuracy=null", "callbacks.image_logger=null"]
+    train(compose("train", over, tmp_path / "run"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["averaging_state"]["n_averaged"] = torch.tensor(0)  # Lightning's EMA before update_starting_at_step
+    ckpt["state_dict"] = {k: torch.zeros_like(v) for k, v in ckpt["state_dict"].items()}  # its untouched copy
+    torch.save(ckpt, tmp_path / "early.ckpt")
+    model, _ = load_system(tmp_path / "early.ckpt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ckpt["current_model_state"][k])
+    assert "the EMA had not begun" in caplog.text and "raw trained weights" in caplog.text

@@ -20,6 +20,16 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from diffusion_lab.files import (
+    CorruptFileError,
+    HashingWriter,
+    checksum_path,
+    describe_write_error,
+    readable_by_default,
+    verify_checksum,
+    write_checksum,
+)
+
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".partial"
@@ -49,25 +59,47 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, *, save: Callable[[Any, Any], None] = torch.save) -> None:
+def atomic_save(
+    obj: Any,
+    path: str | os.PathLike,
+    *,
+    save: Callable[[Any, Any], None] | None = None,
+    checksum: bool = False,
+) -> None:
     """Write `obj` to `path` so that `path` holds either the old or the complete new file, never a partial one.
 
     The bytes go to a hidden temp file in the same folder (`.NAME.XXXX.partial`, so the rename cannot cross a
     filesystem), are fsynced, and replace `path` with `os.replace`; the folder is fsynced after the rename.
-    On any error the temp file is removed and `path` is untouched."""
+    `checksum`: the SHA-256 of the bytes (hashed while writing) is recorded in `NAME.sha256` before the rename
+    (`diffusion_lab.files.write_checksum`). On any error the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    writer = None
     try:
+        readable_by_default(fd)
         with os.fdopen(fd, "wb") as f:
-            save(obj, f)
+            writer = HashingWriter(f)
+            (save or torch.save)(obj, writer)
             f.flush()
             os.fsync(f.fileno())
+        if checksum:
+            write_checksum(path, writer.sha256.hexdigest())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+            raise writer.error from e  # a full disk, not torch's "unexpected pos" that followed it
         raise
     _fsync_dir(path.parent)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """CheckpointError when `path` does not match the checksum written beside it (old files without one pass)."""
+    try:
+        verify_checksum(path)
+    except CorruptFileError as e:
+        raise CheckpointError(f"checkpoint {e}") from e
 
 
 def remove_stale_temp_files(
@@ -108,6 +140,7 @@ def read_checkpoint_lazily(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_checkpoint(path)
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -125,8 +158,10 @@ def read_checkpoint_lazily(path: str | os.PathLike) -> dict[str, Any]:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO for every save of a run (ModelCheckpoint and `trainer.save_checkpoint`).
 
-    Local paths: `atomic_save`, refusing (CheckpointError) a checkpoint whose weights are not finite, and
-    clearing temp files an earlier killed process left behind. Remote paths (s3://, gs://...): Lightning's
+    Local paths: `atomic_save` with a SHA-256 beside the file (`NAME.ckpt.sha256`, checked on every load: a
+    checkpoint whose bytes changed on disk is refused, one without a checksum loads as before), refusing
+    (CheckpointError) a checkpoint whose weights are not finite, and clearing temp files an earlier killed
+    process left behind; a full disk is reported as such, the previous checkpoint kept. Remote paths (s3://, gs://...): Lightning's
     own fsspec transaction (object stores publish an upload only once it is complete). Reading a truncated or
     foreign file fails with a one-line CheckpointError.
     """
@@ -153,18 +188,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             remove_stale_temp_files(path.parent)
             self._cleaned.add(path.parent)
         try:
-            atomic_save(checkpoint, path)
-        except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+            atomic_save(checkpoint, path, checksum=True)
+        except OSError as e:  # the previous file (and its checksum) are untouched
+            raise CheckpointError(
+                describe_write_error(e, path, "checkpoint") + "; the previous checkpoint is intact"
+            ) from e
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None):
         if not _is_local_file_protocol(str(path)):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if not Path(path).is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
+        verify_checkpoint(path)
         try:
             return super().load_checkpoint(
                 path, map_location=map_location or (lambda storage, loc: storage), weights_only=weights_only
             )
         except Exception as e:
             raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        if _is_local_file_protocol(str(path)):
+            checksum_path(path).unlink(missing_ok=True)

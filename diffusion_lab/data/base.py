@@ -271,6 +271,20 @@ class ArrayImageDataset(ImageDataset):
         self.hflip = hflip
 
 
+def split_fractions(*, val_fraction: float, test_fraction: float = 0.0) -> tuple[float, float, float]:
+    """(train, val, test) shares from a data module's `val_fraction` / `test_fraction`; ValueError (one line,
+    naming the key) unless each is a number in [0, 1) and together they leave a training share."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"data.{name}={value!r} must be a number in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"data.val_fraction={val_fraction} + data.test_fraction={test_fraction} leave nothing to train on"
+            " (their sum must be < 1)"
+        )
+    return 1.0 - val_fraction - test_fraction, val_fraction, test_fraction
+
+
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Shuffle range(n) with a seed and cut it into consecutive parts of the given fractions."""
     if abs(sum(fractions) - 1.0) > 1e-6:

@@ -20,6 +20,7 @@ from diffusion_lab.data.base import (
     download_url,
     folder_is_empty,
     seeded_split,
+    split_fractions,
 )
 from diffusion_lab.data.captions import LabelCaptioner
 
@@ -224,6 +225,7 @@ class CIFAR10DataModule(BaseDataModule):
         self.image_size = image_size
         self.channels = channels
         self.hflip = hflip
+        split_fractions(val_fraction=val_fraction)  # checked here, one line
         self.val_fraction = val_fraction
         self.seed = seed
         self.captions = captions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split
+from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, split_fractions
 from diffusion_lab.data.captions import LabelCaptioner
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -41,7 +41,7 @@ class DigitsDataModule(BaseDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         self.image_size = image_size
         self.channels = channels
-        self.fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
+        self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
         self.seed = seed
         self.captions = captions
 

@@ -16,6 +16,7 @@ from diffusion_lab.data.base import (
     data_error,
     folder_is_empty,
     seeded_split,
+    split_fractions,
 )
 from diffusion_lab.data.captions import Captioner, LabelCaptioner, TextCaptioner
 
@@ -98,7 +99,7 @@ class ImageFolderDataModule(BaseDataModule):
         self.crop_size = crop_size
         self.channels = channels
         self.hflip = hflip
-        self.fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
+        self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
         self.seed = seed
         self.captions = captions
         self.skip_corrupt = skip_corrupt

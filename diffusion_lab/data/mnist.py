@@ -19,6 +19,7 @@ from diffusion_lab.data.base import (
     download_url,
     folder_is_empty,
     seeded_split,
+    split_fractions,
 )
 from diffusion_lab.data.captions import LabelCaptioner
 from diffusion_lab.data.digits import DIGIT_NAMES
@@ -191,6 +192,7 @@ class MNISTDataModule(BaseDataModule):
         self.download = download
         self.image_size = image_size
         self.channels = channels
+        split_fractions(val_fraction=val_fraction)  # checked here, one line
         self.val_fraction = val_fraction
         self.seed = seed
         self.captions = captions

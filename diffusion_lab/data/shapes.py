@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split
+from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, split_fractions
 from diffusion_lab.data.captions import SHAPES_VOCABULARY, Captioner, compose_caption
 
 CANVAS = 32  # shapes are drawn (and detected) on a 32 x 32 canvas; other sizes are resized from it
@@ -181,7 +181,7 @@ class ShapesDataModule(BaseDataModule):
         self.num_images = num_images
         self.image_size = image_size
         self.channels = channels
-        self.fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
+        self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
         self.seed = seed
         self.captions = captions
         self.item_attributes: list[dict[str, str]] = []

@@ -47,6 +47,10 @@ class Tokenizer:
         """Identifies the id <-> token mapping (checked when loading trained weights)."""
         raise NotImplementedError
 
+    def count(self, text: str) -> tuple[int, int]:
+        """(tokens of `text` with BOS and EOS, tokens the context holds: max_length); beyond it they are dropped."""
+        return len(self.tokenize(text)) + 2, self.max_length
+
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             raise TypeError("give a list of texts, not one string")
@@ -281,6 +285,10 @@ class TransformerTextEncoder(TextEncoder):
         nn.init.normal_(self.token_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb, std=0.02)
 
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        """(tokens `text` makes, tokens the encoder's context holds); the ones beyond are dropped."""
+        return self.tokenizer.count(text)
+
     def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.token_emb(ids) + self.pos_emb[:, : ids.shape[1]]  # (B, L, D)
         for block in self.blocks:
@@ -409,6 +417,9 @@ class PretrainedTextEncoder(TextEncoder):
             raise ValueError(
                 f"text model {model!r} gives {self.dim}-dim tokens, but the config says dim={dim}"
             )
+
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        return len(self.hf_tokenizer(text, truncation=False)["input_ids"]), self.max_length
 
     def _apply(self, fn, recurse: bool = True):
         self.hf_model._apply(fn)  # .to(device) / .half() reach the unregistered model too
