@@ -39,9 +39,9 @@ MU = torch.tensor([-0.6, 0.1, 0.4, 0.9]).reshape(1, *SHAPE)
 
 def noise_level_to_t(process, level: torch.Tensor) -> torch.Tensor:
     """Invert ``process.noise_level`` (what an eps / v / x0 / flow net sees)."""
-    if process.name == "edm":
+    if process.name == "ve":
         return (4 * level.double()).exp()
-    if process.name == "flow":
+    if process.name == "rectified_flow":
         return level.double() / process.time_scale
     return level.double()
 
@@ -101,9 +101,9 @@ PROCESSES = {
     "linear": lambda: get_process("linear"),
     "cosine": lambda: get_process("cosine"),
     "zero_snr": lambda: get_process("scaled_linear", rescale_zero_terminal_snr=True),
-    "edm": lambda: get_process("edm"),
-    "flow": lambda: get_process("flow"),
-    "flow_shift3": lambda: get_process("flow", shift=3.0),
+    "edm": lambda: get_process("ve"),
+    "flow": lambda: get_process("rectified_flow"),
+    "flow_shift3": lambda: get_process("rectified_flow", shift=3.0),
 }
 # grids that start at the prior (t_max): diffusers' 'leading' spacing starts below it (t = 798 of 1000 with 400
 # steps), where x_T ~ N(0, I) lacks the signal, so its samples are biased (Lin et al. 2023): not an oracle case
@@ -238,7 +238,7 @@ def test_flow_euler_matches_diffusers_flow_match_euler(steps):
     d = _diffusers()
     expected = run_scheduler(d.FlowMatchEulerDiscreteScheduler(), toy_flow_net, x_T(), steps)
     ours = get_sampler("flow_euler", steps=steps)(
-        toy_flow_net, x_T(), get_process("flow"), prediction_type="flow"
+        toy_flow_net, x_T(), get_process("rectified_flow"), prediction_type="flow"
     )
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
@@ -251,7 +251,7 @@ def test_flow_shift_matches_diffusers_shifted_sigmas():
     expected = run_scheduler(
         d.FlowMatchEulerDiscreteScheduler(shift=shift), toy_flow_net, x_T(), None, sigmas=sigmas
     )
-    process = get_process("flow", shift=shift)
+    process = get_process("rectified_flow", shift=shift)
     ours = get_sampler("flow_euler", steps=steps)(toy_flow_net, x_T(), process, prediction_type="flow")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     grid = make_grid(process, steps, "uniform")
@@ -274,7 +274,7 @@ def test_flow_heun_matches_diffusers_flow_match_heun(steps):
         calls.append(1)
         return toy_flow_net(x, t)
 
-    ours = sampler(counted, x_T(), get_process("flow"), prediction_type="flow")
+    ours = sampler(counted, x_T(), get_process("rectified_flow"), prediction_type="flow")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     assert len(calls) == sampler.nfe == 2 * steps - 1
 
@@ -283,7 +283,7 @@ def test_flow_heun_matches_diffusers_flow_match_heun(steps):
 def test_euler_on_edm_matches_diffusers_edm_euler(steps):
     d = _diffusers()
     expected = run_scheduler(d.EDMEulerScheduler(), toy_edm_net, x_T(), steps)
-    ours = get_sampler("euler", steps=steps)(toy_edm_net, x_T(), get_process("edm"), prediction_type="edm")
+    ours = get_sampler("euler", steps=steps)(toy_edm_net, x_T(), get_process("ve"), prediction_type="edm")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-6)
 
 
@@ -291,7 +291,7 @@ def test_euler_on_edm_matches_diffusers_edm_euler(steps):
 def test_dpmpp_2m_on_edm_matches_diffusers_edm_dpmsolver(steps):
     d = _diffusers()
     expected = run_scheduler(d.EDMDPMSolverMultistepScheduler(), toy_edm_net, x_T(), steps)
-    ours = get_sampler("dpmpp_2m", steps=steps)(toy_edm_net, x_T(), get_process("edm"), prediction_type="edm")
+    ours = get_sampler("dpmpp_2m", steps=steps)(toy_edm_net, x_T(), get_process("ve"), prediction_type="edm")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-6)
 
 
@@ -301,7 +301,7 @@ def test_dpmpp_2m_on_edm_matches_diffusers_edm_dpmsolver(steps):
 
 def test_karras_grid_by_hand():
     """EDM's t_i = (80^(1/7) + i / 17 (0.002^(1/7) - 80^(1/7)))^7, then 0 (Karras et al. 2022, eq. 5)."""
-    grid = make_grid(get_process("edm"), 18, "karras")
+    grid = make_grid(get_process("ve"), 18, "karras")
     expected = [(80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(18)] + [0.0]
     assert grid.ksigma == pytest.approx(expected, rel=1e-12, abs=0)
     assert grid.t[:-1] == pytest.approx(expected[:-1], rel=1e-12)  # VE: t = sigma
@@ -318,7 +318,7 @@ def test_karras_grid_by_hand():
 
 def test_edm_preconditioning_by_hand():
     """c_skip, c_out, c_in, c_noise of EDM Table 1 (NVlabs/edm EDMPrecond) on the VE process."""
-    sd, obj, proc = 0.5, get_objective("edm", sigma_data=0.5), get_process("edm")
+    sd, obj, proc = 0.5, get_objective("edm", sigma_data=0.5), get_process("ve")
     x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sigma = torch.tensor([0.01, 1.0, 40.0], dtype=torch.float64)
     a, s = proc.alpha_sigma(sigma, x)
@@ -334,7 +334,7 @@ def test_edm_preconditioning_by_hand():
 
 def test_edm_loss_by_hand():
     """EDMLoss: sigma = exp(N(-1.2, 1.2^2)), weight (sigma^2 + sd^2) / (sigma sd)^2 on |D(y + n) - y|^2."""
-    sd, proc, obj = 0.5, get_process("edm"), get_objective("edm", sigma_data=0.5)
+    sd, proc, obj = 0.5, get_process("ve"), get_objective("edm", sigma_data=0.5)
     y = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
 
     def net(x_in, c_noise, **cond):
@@ -370,7 +370,7 @@ def test_flow_matching_loss_by_hand():
     loss = training_loss(
         net,
         x0,
-        process=get_process("flow"),
+        process=get_process("rectified_flow"),
         objective=get_objective("flow"),
         noise_levels=get_noise_levels("logit_normal"),
         weighting=get_loss_weighting("uniform"),
@@ -385,7 +385,7 @@ def test_flow_matching_loss_by_hand():
 
 
 def test_min_snr_weights_mean_the_same_x0_objective_for_flow_and_edm():
-    proc = get_process("flow")
+    proc = get_process("rectified_flow")
     t = torch.tensor([0.05, 0.3, 0.7, 0.99])
     snr = proc.snr(t)
     x0 = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(4)).double()
@@ -403,26 +403,26 @@ def test_min_snr_weights_mean_the_same_x0_objective_for_flow_and_edm():
 
 def test_noise_level_distributions():
     n, g = 200_000, torch.Generator().manual_seed(0)
-    sig = get_noise_levels("log_normal", p_mean=-1.2, p_std=1.2)(get_process("edm"), n, generator=g)
+    sig = get_noise_levels("log_normal", p_mean=-1.2, p_std=1.2)(get_process("ve"), n, generator=g)
     assert sig.log().mean().item() == pytest.approx(-1.2, abs=0.01)
     assert sig.log().std().item() == pytest.approx(1.2, abs=0.01)
-    t = get_noise_levels("logit_normal")(get_process("flow"), n, generator=g)
+    t = get_noise_levels("logit_normal")(get_process("rectified_flow"), n, generator=g)
     logit = (t / (1 - t)).log()
     assert logit.mean().item() == pytest.approx(0.0, abs=0.01) and logit.std().item() == pytest.approx(
         1.0, abs=0.01
     )
-    shifted = get_noise_levels("logit_normal")(get_process("flow", shift=3.0), n, generator=g)
+    shifted = get_noise_levels("logit_normal")(get_process("rectified_flow", shift=3.0), n, generator=g)
     assert shifted.median().item() == pytest.approx(0.75, abs=0.01)  # shift(0.5) = 3 * 0.5 / (1 + 2 * 0.5)
     ti = get_noise_levels("uniform")(get_process("linear"), n, generator=g)
     assert ti.dtype == torch.long and ti.min() == 0 and ti.max() == 999
     tv = get_noise_levels("log_normal")(get_process("cosine"), 1000, generator=g)
     assert tv.dtype == torch.long  # discrete schedules get table indices
-    tu = get_noise_levels("uniform")(get_process("flow"), n, generator=g)
+    tu = get_noise_levels("uniform")(get_process("rectified_flow"), n, generator=g)
     assert tu.min() >= 1e-3 and tu.max() <= 1 and tu.mean().item() == pytest.approx(0.5, abs=0.01)
 
 
 def test_processes_by_hand():
-    edm, flow, vp = get_process("edm"), get_process("flow"), get_process("linear")
+    edm, flow, vp = get_process("ve"), get_process("rectified_flow"), get_process("linear")
     t = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
     a, s = flow.coefficients(t)
     assert a.tolist() == pytest.approx([0.8, 0.5, 0.0]) and s.tolist() == t.tolist()
@@ -557,7 +557,8 @@ def test_formulation_trains_and_samples_end_to_end(formulation, tmp_path, tiny_o
     summary = train(cfg)
     assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 4
     model, config = load_system(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert config["model"]["prediction_type"] == formulation and model.process.name == formulation
+    assert config["model"]["prediction_type"] == formulation
+    assert model.process.name == {"edm": "ve", "flow": "rectified_flow"}[formulation]
     assert config["sampler"]["name"] == {"edm": "edm", "flow": "flow_euler"}[formulation]
     x = model.sample(
         sampler=get_sampler("dpmpp_2m", steps=3),
@@ -613,7 +614,7 @@ def test_eps_is_refused_where_alpha_vanishes():
     with pytest.raises(ValueError, match="eps prediction cannot recover x0"):
         DiffusionSystem(
             net=torch.nn.Identity(),
-            process=get_process("flow"),
+            process=get_process("rectified_flow"),
             prediction_type="eps",
             image_size=8,
             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),

@@ -122,7 +122,7 @@ class GracefulStop(Callback):
         if not stop or self._stop_before_next_step:
             return
         self.received = self.received or signal.SIGTERM  # another rank's signal
-        trainer.save_checkpoint(self.dirpath / LAST)
+        trainer.save_checkpoint(self.dirpath / LAST, weights_only=False)
         self._stop_before_next_step = True
         if self.requeue and self.received == self.requeue_signal and trainer.is_global_zero:
             requeue_slurm_job()
@@ -169,7 +169,7 @@ class FinalCheckpoint(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.finished = True
         self.raw_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        trainer.save_checkpoint(self.stop.dirpath / LAST)
+        trainer.save_checkpoint(self.stop.dirpath / LAST, weights_only=False)
         self.stop.training_finished(trainer)
 
     def state_dict(self) -> dict[str, Any]:

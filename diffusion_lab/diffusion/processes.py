@@ -132,7 +132,7 @@ class VEProcess(Process):
     def __init__(self, *, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
-        self.name, self.t_min, self.t_max = "edm", float(sigma_min), float(sigma_max)
+        self.name, self.t_min, self.t_max = "ve", float(sigma_min), float(sigma_max)
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = _float(t)
@@ -171,7 +171,7 @@ class FlowProcess(Process):
         shift_time(torch.zeros(1), shift)  # validates
         if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
-        self.name, self.shift, self.time_scale = "flow", float(shift), float(time_scale)
+        self.name, self.shift, self.time_scale = "rectified_flow", float(shift), float(time_scale)
         self.num_timesteps, self.t_min, self.t_max = num_timesteps, 1.0 / num_timesteps, 1.0
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,14 +201,14 @@ def register_process(name: str) -> Callable[[Callable[..., Process]], Callable[.
     return PROCESSES.register(name)
 
 
-@register_process("edm")
-def edm(*, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Process:
+@register_process("ve")
+def ve(*, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Process:
     """EDM / VE (Karras et al. 2022): alpha = 1, sigma = t in [0.002, 80]."""
     return VEProcess(sigma_min=sigma_min, sigma_max=sigma_max)
 
 
-@register_process("flow")
-def flow(*, shift: float = 1.0, num_timesteps: int = 1000, time_scale: float = 1000.0) -> Process:
+@register_process("rectified_flow")
+def rectified_flow(*, shift: float = 1.0, num_timesteps: int = 1000, time_scale: float = 1000.0) -> Process:
     """Rectified flow (Liu et al. 2023): alpha = 1 - t, sigma = t, with SD3's shift (Esser et al. 2024)."""
     return FlowProcess(shift=shift, num_timesteps=num_timesteps, time_scale=time_scale)
 
@@ -221,7 +221,8 @@ def process_names() -> list[str]:
 
 
 def get_process(name: str, **opts: Any) -> Process:
-    """Build the process ``name``: a discrete VP schedule (linear, cosine, ...; ``get_schedule``), edm or flow.
+    """Build the process ``name``: a discrete VP schedule (linear, cosine, ...; ``get_schedule``), ve (EDM's
+    variance-exploding process) or rectified_flow.
 
     VP schedules take ``num_timesteps``, ``rescale_zero_terminal_snr`` and their beta options.
     """
