@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from diffusion_lab.callbacks.checkpoint import CheckpointError, read_checkpoint_lazily
+from diffusion_lab.nets.base import DenoisingNet
 
 log = logging.getLogger(__name__)
 
@@ -226,17 +227,22 @@ def check_model_fits_data(model: torch.nn.Module, datamodule: Any) -> None:
     often as it has levels (the skip connections would not line up, or pixels be dropped), or fewer class
     embeddings than the data has classes (higher labels would index past the table or hit the null class)."""
     net = getattr(model, "net", None)
-    mult = (getattr(net, "init_kwargs", None) or {}).get("channel_mult")
     shape = getattr(model, "sample_shape", None)
-    if mult and shape is not None:
-        factor = 2 ** (len(mult) - 1)
+    if isinstance(net, DenoisingNet) and shape is not None:
+        factor = net.input_multiple
         h, w = shape[-2:]
         if h % factor or w % factor:
             size = getattr(datamodule, "image_size", None)
             where = f"data.image_size={size} gives" if size == h else "the data gives"
+            mult = (getattr(net, "init_kwargs", None) or {}).get("channel_mult")
+            why = (
+                f"which this UNet cannot halve {len(mult) - 1} time(s) (model.net.channel_mult={list(mult)})"
+                if mult
+                else f"which this {type(net).__name__} cannot cut into {factor}x{factor} patches"
+                f" (model.net.patch_size={factor})"
+            )
             raise ConfigError(
-                f"{where} {h}x{w} inputs, which this UNet cannot halve {len(mult) - 1} time(s)"
-                f" (model.net.channel_mult={list(mult)}): use a multiple of {factor}, e.g. {-(-h // factor) * factor}"
+                f"{where} {h}x{w} inputs, {why}: use a multiple of {factor}, e.g. {-(-h // factor) * factor}"
             )
     ours, theirs = getattr(model, "num_classes", None), getattr(datamodule, "num_classes", None)
     if ours is not None and theirs is not None and ours < theirs:

@@ -13,12 +13,15 @@ from diffusion_lab.systems.diffusion import DiffusionSystem
 
 
 class Recorder(nn.Module):
-    """A 'net' that returns a fixed output and remembers what it was called with."""
+    """A 'net' (honouring the DenoisingNet contract) that returns a fixed output and remembers its calls."""
+
+    context_dim = None
+    input_multiple = 1
 
     def __init__(self, num_classes: int | None = None, in_channels: int = 1) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.in_channels = in_channels
+        self.in_channels = self.out_channels = in_channels
         self.w = nn.Parameter(torch.zeros(()))
         self.calls: list[dict] = []
 

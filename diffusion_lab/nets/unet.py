@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_lab.nets.base import class_ids
 from diffusion_lab.nets.layers import (
     AttentionBlock,
     Downsample,
@@ -33,7 +34,7 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM / ADM-style UNet. Called as `net(x_t, t, class_labels=?, context=?, context_mask=?)`.
+    """DDPM / ADM-style UNet, a `DenoisingNet`: `net(x, noise_level, *, class_labels=?, context=?, context_mask=?)`.
 
     `num_classes` adds a class embedding to the time embedding; id `num_classes` is the null
     class for classifier-free guidance. `attention_levels` lists the levels with self-attention
@@ -90,6 +91,7 @@ class UNet(nn.Module):
         self.num_classes = num_classes
         self.context_dim = context_dim
         self.base_channels = base_channels
+        self.input_multiple = 2 ** (len(channel_mult) - 1)  # H, W are halved once per level below the first
         emb_dim = 4 * base_channels
 
         def res(cin: int, cout: int) -> ResBlock:
@@ -155,22 +157,18 @@ class UNet(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        t: torch.Tensor,
+        noise_level: torch.Tensor,
+        *,
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, E)
-        if self.class_emb is not None:
-            if class_labels is None:  # unconditional call of a class-conditional net: the null class
-                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.class_emb(class_labels)
-        elif class_labels is not None:
-            raise ValueError("class_labels given to a UNet built without num_classes")
-        if context is not None and self.context_dim is None:
-            raise ValueError("context given to a UNet built without context_dim (no cross-attention)")
+        if noise_level.ndim == 0:
+            noise_level = noise_level.expand(x.shape[0])
+        emb = self.time_mlp(timestep_embedding(noise_level, self.base_channels))  # (B, E)
+        labels = class_ids(self, class_labels, context, x)  # (B,) or None; the null class when not given
+        if labels is not None:
+            emb = emb + self.class_emb(labels)
 
         h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]

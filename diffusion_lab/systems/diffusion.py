@@ -16,11 +16,12 @@ from diffusion_lab.diffusion import (
     get_objective,
     training_loss,
 )
+from diffusion_lab.nets.base import DenoisingNet, check_denoising_net
 from diffusion_lab.systems.optim import build_optimizers
 
 
 class DiffusionSystem(L.LightningModule):
-    """Diffusion training on any formulation: a noise process (DDPM's discrete VP schedules, EDM / VE, rectified
+    """Diffusion training on any formulation, for any `DenoisingNet` (UNet, DiT): a noise process (DDPM's discrete VP schedules, EDM / VE, rectified
     flow), an objective (eps / v / x0 / flow velocity / EDM preconditioning), a training noise-level
     distribution and a loss weighting, with per-sample CFG condition dropout.
 
@@ -34,7 +35,7 @@ class DiffusionSystem(L.LightningModule):
     def __init__(
         self,
         *,
-        net: nn.Module,
+        net: DenoisingNet,
         process: Process | None = None,
         schedule: Process | None = None,
         optimizer: Callable[..., torch.optim.Optimizer],
@@ -72,6 +73,7 @@ class DiffusionSystem(L.LightningModule):
                 f"eps prediction cannot recover x0 where alpha = 0, as at the end of the {self.process.name} process "
                 "(zero terminal SNR, flow at t = 1): use model.prediction_type=v, x0 or flow"
             )
+        check_denoising_net(net)
         self.prediction_type = prediction_type
         self.noise_levels = get_noise_levels(noise_levels, **(noise_levels_opts or {}))
         self.loss_weight = get_loss_weighting(loss_weighting, **(loss_weighting_opts or {}))
@@ -92,7 +94,7 @@ class DiffusionSystem(L.LightningModule):
     # ----------------------------------------------------------------- conditioning
     @property
     def num_classes(self) -> int | None:
-        return getattr(self.net, "num_classes", None)
+        return self.net.num_classes
 
     @property
     def is_conditional(self) -> bool:

@@ -49,10 +49,7 @@ class LatentDiffusionSystem(DiffusionSystem):
 
     def _check_shapes(self) -> None:
         ae, net = self.autoencoder, self.net
-        if (
-            net.in_channels != ae.latent_channels
-            or getattr(net, "out_channels", net.in_channels) != ae.latent_channels
-        ):
+        if net.in_channels != ae.latent_channels or net.out_channels != ae.latent_channels:
             raise ValueError(
                 f"the net works on {net.in_channels} channels but the autoencoder's latents have "
                 f"{ae.latent_channels}: set model.net.in_channels={ae.latent_channels}"
@@ -60,7 +57,7 @@ class LatentDiffusionSystem(DiffusionSystem):
         ae.latent_shape(
             self.image_size
         )  # raises when image_size is not a multiple of the downsampling factor
-        context_dim = getattr(net, "context_dim", None)
+        context_dim = net.context_dim
         if self.text_encoder is not None and context_dim != self.text_encoder.dim:
             raise ValueError(
                 f"the net's context_dim is {context_dim} but the text encoder gives {self.text_encoder.dim}-dim "
