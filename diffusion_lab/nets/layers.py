@@ -71,15 +71,18 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over image tokens, with keys/values from the image (self) or a context (cross)."""
+    """Multi-head attention over image tokens, with keys/values from the image (self) or a context (cross);
+    `bias`: biases on the query / key / value projections (DiT's, ViT's), none in the UNet's."""
 
-    def __init__(self, channels: int, *, num_heads: int, context_dim: int | None = None) -> None:
+    def __init__(
+        self, channels: int, *, num_heads: int, context_dim: int | None = None, bias: bool = False
+    ) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
-        self.to_q = nn.Linear(channels, channels, bias=False)
-        self.to_kv = nn.Linear(context_dim or channels, 2 * channels, bias=False)
+        self.to_q = nn.Linear(channels, channels, bias=bias)
+        self.to_kv = nn.Linear(context_dim or channels, 2 * channels, bias=bias)
         self.proj = zero_init(nn.Linear(channels, channels))
 
     def forward(
