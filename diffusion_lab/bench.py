@@ -1,14 +1,15 @@
-"""Benchmark: our UNet's training step and sampling against diffusers' UNet2DModel at matched size.
+"""Benchmark: our nets' training step and sampling against diffusers' twins (UNet2DModel, DiTTransformer2DModel).
 
-`python -m diffusion_lab.bench [--preset quickstart cifar] [--best] [--repeats 7] [--out FILE]`
+`python -m diffusion_lab.bench [--preset quickstart cifar fashion_dit dit_s] [--best] [--repeats 7] [--out FILE]`
 
-For each preset both nets are built with the same widths, depth, attention resolutions and
-conditioning (`diffusers_twin`), and in one run, interleaved repeat by repeat, we time:
+For each preset our net (UNet or DiT) and diffusers' twin are built with the same widths, depth, attention
+and conditioning (`diffusers_twin`, `diffusers_dit_twin`), and in one run, interleaved repeat by repeat, we time:
 - the training step: forward + MSE loss + backward + AdamW step, same batch, same optimizer settings;
 - sampling: DDIM with classifier-free guidance through our sampler (one batched forward per step);
 - activation memory (bytes autograd saves for backward) and, on CUDA, peak allocated memory;
 - FLOPs of one forward + backward (`torch.utils.flop_counter`) and, on a known GPU, MFU.
-Ratios are diffusers' median time over ours (> 1: ours is faster). `--best` turns on bf16 autocast,
+Ratios are diffusers' median time over ours (> 1: ours is faster). A DiT preset with `versus` also times our UNet of
+that preset on the same batch (the backbone comparison: parameters, FLOPs, step time). `--best` turns on bf16 autocast,
 channels_last, torch.compile and fused AdamW for both nets (the GPU comparison "at their best settings").
 Ours also runs as the framework trains it (`DiffusionSystem.diffusion_step`), and the quickstart's data
 loader is timed against the step, so a starving loader shows.
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_lab.nets.dit import DiT
 from diffusion_lab.nets.unet import UNet
 
 # Dense peak FLOP/s by device-name fragment and compute dtype (vendor data sheets, no sparsity).
@@ -48,13 +50,16 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """One benchmark size: the UNet's constructor arguments plus batch sizes per device."""
+    """One benchmark size: our net (`kind`: unet or dit) and its constructor arguments plus batch sizes per device;
+    `versus`: a UNet preset on the same data, timed beside a DiT."""
 
     name: str
     image_size: int
-    unet: dict[str, Any]
+    net: dict[str, Any]
     batch_cpu: int
     batch_gpu: int
+    kind: str = "unet"
+    versus: str | None = None
     sample_steps: int = 10
     sample_batch_cpu: int = 32
     sample_batch_gpu: int = 256
@@ -65,7 +70,7 @@ PRESETS: dict[str, Preset] = {
     "quickstart": Preset(
         name="quickstart",
         image_size=16,
-        unet=dict(
+        net=dict(
             in_channels=1,
             base_channels=32,
             channel_mult=(1, 2, 2),
@@ -81,7 +86,7 @@ PRESETS: dict[str, Preset] = {
     "cifar": Preset(
         name="cifar",
         image_size=32,
-        unet=dict(
+        net=dict(
             in_channels=3,
             base_channels=128,
             channel_mult=(1, 2, 2, 2),
@@ -98,7 +103,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
         image_size=8,
-        unet=dict(
+        net=dict(
             in_channels=1,
             base_channels=16,
             channel_mult=(1, 2),
@@ -114,7 +119,57 @@ PRESETS: dict[str, Preset] = {
         sample_batch_cpu=2,
         sample_batch_gpu=2,
     ),
+    # experiment=fashion_mnist's UNet: unet_small with attention at 8x8, class-conditional, 32 px, batch 32
+    "fashion": Preset(
+        name="fashion",
+        image_size=32,
+        net=dict(
+            in_channels=1,
+            base_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_levels=(2,),
+            num_heads=4,
+            num_classes=10,
+        ),
+        batch_cpu=32,
+        batch_gpu=256,
+    ),
+    # conf/model/net/dit_tiny.yaml on the same data, against the fashion UNet (similar FLOPs)
+    "fashion_dit": Preset(
+        name="fashion_dit",
+        image_size=32,
+        kind="dit",
+        versus="fashion",
+        net=dict(in_channels=1, patch_size=4, hidden_size=192, depth=8, num_heads=6, num_classes=10),
+        batch_cpu=32,
+        batch_gpu=256,
+    ),
+    # DiT-S/2 (conf/model/net/dit_s.yaml) on 32x32x4 latents with ImageNet's 1000 classes
+    "dit_s": Preset(
+        name="dit_s",
+        image_size=32,
+        kind="dit",
+        net=dict(in_channels=4, patch_size=2, hidden_size=384, depth=12, num_heads=6, num_classes=1000),
+        batch_cpu=8,
+        batch_gpu=256,
+        sample_batch_cpu=8,
+    ),
+    # a tiny DiT for tests, beside the tiny UNet
+    "tiny_dit": Preset(
+        name="tiny_dit",
+        image_size=8,
+        kind="dit",
+        versus="tiny",
+        net=dict(in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3),
+        batch_cpu=4,
+        batch_gpu=4,
+        sample_steps=2,
+        sample_batch_cpu=2,
+        sample_batch_gpu=2,
+    ),
 }
+NETS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
 
 
 # ------------------------------------------------------------------ the matched diffusers net
@@ -154,15 +209,99 @@ def diffusers_twin(unet: dict[str, Any]) -> nn.Module:
     )
 
 
+def diffusers_dit_twin(dit: dict[str, Any], image_size: int) -> nn.Module:
+    """diffusers' DiTTransformer2DModel at our DiT's size (patch, width, depth, heads, classes, norms), its
+    sinusoidal timestep frequencies set to DiT's (10000^(-i / 128); diffusers' DiT divides by 127): with our
+    weights copied in (`copy_dit_weights`) it computes the same function. Layouts that do not allow it: no
+    cross-attention (text), no unconditional DiT, MLP ratio 4 and 256 frequencies only."""
+    try:
+        from diffusers import DiTTransformer2DModel
+        from diffusers.models.embeddings import Timesteps
+    except ImportError as e:  # the `dev` extra installs it
+        raise SystemExit("error: the benchmark compares against diffusers: pip install diffusers") from e
+    if dit.get("num_classes") is None or dit.get("context_dim") is not None:
+        raise ValueError(
+            "diffusers' DiTTransformer2DModel is class-conditional only, without cross-attention"
+        )
+    if dit.get("mlp_ratio", 4.0) != 4.0 or dit.get("frequency_dim", 256) != 256:
+        raise ValueError("diffusers' DiT has mlp_ratio 4 and 256 timestep frequencies")
+    hidden, heads = dit["hidden_size"], dit["num_heads"]
+    twin = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=dit["in_channels"],
+        out_channels=dit.get("out_channels"),
+        num_layers=dit["depth"],
+        sample_size=image_size,
+        patch_size=dit["patch_size"],
+        num_embeds_ada_norm=dit["num_classes"],  # + the CFG null class (class_dropout_prob > 0)
+        norm_eps=1e-6,  # DiT's LayerNorms (diffusers' default is 1e-5)
+    )
+    for block in twin.transformer_blocks:  # each block embeds (t, y) itself; ours once
+        block.norm1.emb.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    return twin
+
+
+@torch.no_grad()
+def copy_dit_weights(ours: DiT, twin: nn.Module) -> nn.Module:
+    """Our DiT's weights into its diffusers twin (each twin block gets our one time MLP and class table; our
+    fused key-value projection is split into to_k / to_v). Returns the twin."""
+
+    def put(dst: nn.Module, src: nn.Module | torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        dst.weight.copy_(src if isinstance(src, torch.Tensor) else src.weight)
+        b = bias if bias is not None or isinstance(src, torch.Tensor) else getattr(src, "bias", None)
+        if b is not None:
+            dst.bias.copy_(b)
+
+    put(twin.pos_embed.proj, ours.patch_embed)
+    d = ours.hidden_size
+    for mine, theirs in zip(ours.blocks, twin.transformer_blocks, strict=True):
+        emb = theirs.norm1.emb
+        put(emb.timestep_embedder.linear_1, ours.time_mlp[0])
+        put(emb.timestep_embedder.linear_2, ours.time_mlp[2])
+        put(emb.class_embedder.embedding_table, ours.class_emb)
+        put(theirs.norm1.linear, mine.modulation[1])
+        put(theirs.attn1.to_q, mine.attn.to_q)
+        kv_w, kv_b = mine.attn.to_kv.weight, mine.attn.to_kv.bias
+        put(theirs.attn1.to_k, kv_w[:d], kv_b[:d])
+        put(theirs.attn1.to_v, kv_w[d:], kv_b[d:])
+        put(theirs.attn1.to_out[0], mine.attn.proj)
+        put(theirs.ff.net[0].proj, mine.mlp[0])
+        put(theirs.ff.net[2], mine.mlp[2])
+    put(twin.proj_out_1, ours.final.modulation[1])
+    put(twin.proj_out_2, ours.final.linear)
+    return twin
+
+
+def build_nets(preset: Preset) -> dict[str, nn.Module]:
+    """Our net and diffusers' twin (same weights for a DiT), plus the `versus` preset's UNet if it has one."""
+    ours = NETS[preset.kind](**preset.net)
+    if preset.kind == "dit":
+        twin = copy_dit_weights(ours, diffusers_dit_twin(preset.net, preset.image_size))
+    else:
+        twin = diffusers_twin(preset.net)
+    nets = {"ours": ours, "diffusers": DiffusersAsOurs(twin)}
+    if preset.versus is not None:
+        other = PRESETS[preset.versus]
+        same = ("in_channels", "num_classes")
+        if other.image_size != preset.image_size or any(other.net.get(k) != preset.net.get(k) for k in same):
+            raise ValueError(
+                f"preset {preset.name} and its versus {other.name} must share the data and classes"
+            )
+        nets["unet"] = NETS[other.kind](**other.net)
+    return nets
+
+
 class DiffusersAsOurs(nn.Module):
-    """Call a diffusers UNet2DModel with our net contract `net(x_t, t, class_labels=...)`."""
+    """Call a diffusers UNet2DModel or DiTTransformer2DModel with our net contract
+    `net(x, noise_level, *, class_labels=...)`."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, x, t, class_labels=None, **_):
-        return self.net(x, t, class_labels=class_labels).sample
+    def forward(self, x, noise_level, *, class_labels=None, **_):
+        return self.net(x, noise_level, class_labels=class_labels).sample
 
 
 def count_params(net: nn.Module) -> int:
@@ -210,14 +349,14 @@ class Contender:
 
 def make_batch(preset: Preset, batch: int, s: Settings, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    c, n = preset.unet["in_channels"], preset.image_size
+    c, n = preset.net["in_channels"], preset.image_size
     out = {
         "x": torch.randn(batch, c, n, n, generator=g),
         "t": torch.randint(0, 1000, (batch,), generator=g),
         "target": torch.randn(batch, c, n, n, generator=g),
     }
-    if preset.unet.get("num_classes"):
-        out["class_labels"] = torch.randint(0, preset.unet["num_classes"] + 1, (batch,), generator=g)
+    if preset.net.get("num_classes"):
+        out["class_labels"] = torch.randint(0, preset.net["num_classes"] + 1, (batch,), generator=g)
     out = {k: v.to(s.device) for k, v in out.items()}
     if s.channels_last:
         out["x"] = out["x"].contiguous(memory_format=torch.channels_last)
@@ -275,11 +414,19 @@ def activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
 
 
 def count_flops(net: nn.Module, batch: dict[str, torch.Tensor], s: Settings) -> int:
-    """FLOPs of one forward + backward, counted by torch.utils.flop_counter (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward + backward, counted by torch.utils.flop_counter (matmuls, convolutions, attention:
+    the CPU's fused attention kernel is counted by torch's formula for the GPU kernels, which it lacks)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)
+        ),
+    }
     cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
     with counter, _autocast(s):
         net(batch["x"], batch["t"], **cond).float().mean().backward()
     net.zero_grad(set_to_none=True)
@@ -307,15 +454,11 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
     batch_size = preset.batch_gpu if gpu else preset.batch_cpu
     batch = make_batch(preset, batch_size, s)
     torch.manual_seed(0)
-    ours = UNet(**preset.unet)
-    theirs = DiffusersAsOurs(diffusers_twin(preset.unet))
-    n_ours, n_theirs = count_params(ours), count_params(theirs)
-    flops = {
-        "ours": count_flops(copy.deepcopy(ours).to(s.device), batch, s),
-        "diffusers": count_flops(copy.deepcopy(theirs).to(s.device), batch, s),
-    }
+    nets = build_nets(preset)
+    n_ours, n_theirs = count_params(nets["ours"]), count_params(nets["diffusers"])
+    flops = {name: count_flops(copy.deepcopy(net).to(s.device), batch, s) for name, net in nets.items()}
     acts = {}
-    for name, net in (("ours", ours), ("diffusers", theirs)):
+    for name, net in nets.items():
         probe = copy.deepcopy(net).to(s.device)
         cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
         with _autocast(s):
@@ -323,7 +466,7 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
                 lambda probe=probe, cond=cond: probe(batch["x"], batch["t"], **cond)
             )
     contenders = []
-    for name, net in (("ours", ours), ("diffusers", theirs)):
+    for name, net in nets.items():
         net = prepare(net, s)
         contenders.append(Contender(name, net, train_step_fn(net, batch, s)))
 
@@ -348,8 +491,9 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
         "preset": preset.name,
         "image_size": preset.image_size,
         "batch_size": batch_size,
-        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.unet.items()},
-        "params": {"ours": n_ours, "diffusers": n_theirs},
+        "net": preset.kind,
+        "net_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.net.items()},
+        "params": {name: count_params(net) for name, net in nets.items()},
         "params_rel_diff": (n_ours - n_theirs) / n_theirs,
         "flops_train_step": flops,
         "activation_bytes": acts,
@@ -375,12 +519,12 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
         sampler = get_sampler("ddim", steps=preset.sample_steps)
         n = preset.sample_batch_gpu if gpu else preset.sample_batch_cpu
         g = torch.Generator().manual_seed(1)
-        x_T = torch.randn(n, preset.unet["in_channels"], preset.image_size, preset.image_size, generator=g)
+        x_T = torch.randn(n, preset.net["in_channels"], preset.image_size, preset.image_size, generator=g)
         x_T = x_T.to(s.device)
         cond = uncond = None
         scale = 1.0
-        if preset.unet.get("num_classes"):
-            k = preset.unet["num_classes"]
+        if preset.net.get("num_classes"):
+            k = preset.net["num_classes"]
             cond = {"class_labels": torch.arange(n, device=s.device) % k}
             uncond = {"class_labels": torch.full((n,), k, device=s.device)}
             scale = 3.0
@@ -406,6 +550,9 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
             "forward_calls_per_step": calls,
             "speed_ratio": smed["diffusers"] / smed["ours"],
         }
+    if preset.versus is not None:  # the backbone comparison: our UNet's step time over our DiT's
+        out["versus"] = preset.versus
+        out["unet_over_dit_step"] = med["unet"] / med["ours"]
     return out
 
 
@@ -440,7 +587,7 @@ def bench_framework(s: Settings, *, repeats: int, warmup: int) -> dict:
     it = iter(loader)
     batch = {k: v.to(s.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
     system = DiffusionSystem(
-        net=prepare(UNet(**preset.unet), s),
+        net=prepare(UNet(**preset.net), s),
         schedule=get_schedule("linear"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-3),
         image_size=16,
@@ -554,6 +701,23 @@ def format_table(result: dict) -> str:
             f"**{p['train_speed_ratio']:.2f}x** | "
             f"{p['flops_train_step']['ours'] / 1e9:.1f} / {p['flops_train_step']['diffusers'] / 1e9:.1f} | "
             f"{act['ours'] / 2**20:.0f} / {act['diffusers'] / 2**20:.0f} | {s_txt} | {m_txt} |"
+        )
+    versus = [p for p in result["presets"] if p.get("versus")]
+    if versus:
+        lines += [
+            "",
+            "| backbones (same batch, interleaved) | params DiT / UNet | GFLOP/step DiT / UNet | "
+            "train step DiT / UNet | UNet / DiT step time | sampling img/s DiT / UNet |",
+            "|---|---|---|---|---|---|",
+        ]
+    for p in versus:
+        t, f, n, samp = p["train_step_s"], p["flops_train_step"], p["params"], p.get("sampling")
+        s_txt = f"{samp['images_per_s']['ours']:.1f} / {samp['images_per_s']['unet']:.1f}" if samp else "-"
+        lines.append(
+            f"| {p['preset']} vs {p['versus']} {p['image_size']}px, batch {p['batch_size']} | "
+            f"{n['ours'] / 1e6:.2f}M / {n['unet'] / 1e6:.2f}M | {f['ours'] / 1e9:.1f} / {f['unet'] / 1e9:.1f} | "
+            f"{t['ours']['median'] * 1e3:.1f} ms / {t['unet']['median'] * 1e3:.1f} ms | "
+            f"**{p['unet_over_dit_step']:.2f}x** | {s_txt} |"
         )
     fw = result.get("framework")
     if fw:

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import sdpa_backward_flop_count
 
 pytest.importorskip("diffusers")
 
@@ -22,7 +23,7 @@ def _layers(net: nn.Module) -> Counter:
 @pytest.mark.parametrize("preset", ["quickstart", "cifar", "tiny"])
 def test_diffusers_twin_matches_our_unet(preset):
     """Same convolutions and norms, layer for layer, and parameter counts within 0.5% (attention biases)."""
-    kw = bench.PRESETS[preset].unet
+    kw = bench.PRESETS[preset].net
     ours, twin = UNet(**kw), bench.diffusers_twin(kw)
     assert _layers(ours) == _layers(twin)
     conv_shapes = sorted(tuple(m.weight.shape) for m in ours.modules() if isinstance(m, nn.Conv2d))
@@ -43,7 +44,9 @@ def test_activation_bytes_counts_saved_tensors():
 
 def test_bench_writes_json_and_table(tmp_path):
     out = tmp_path / "bench.json"
-    result = bench.main(["--preset", "tiny", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    result = bench.main(
+        ["--preset", "tiny", "tiny_dit", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+    )
     saved = json.loads(out.read_text())
     assert saved["presets"][0]["preset"] == "tiny" == result["presets"][0]["preset"]
     p = saved["presets"][0]
@@ -56,6 +59,36 @@ def test_bench_writes_json_and_table(tmp_path):
     assert p["flops_train_step"]["ours"] < p["flops_train_step"]["diffusers"]
     assert saved["framework"]["loader_headroom"] > 1.0
     assert "| tiny 8px |" in out.with_suffix(".md").read_text()
+    # the DiT preset: ours vs diffusers' DiT (the same function: same FLOPs), and our UNet on the same batch
+    d = saved["presets"][1]
+    assert (
+        d["net"] == "dit"
+        and d["versus"] == "tiny"
+        and set(d["train_step_s"]) == {"ours", "diffusers", "unet"}
+    )
+    assert d["flops_train_step"]["unet"] == p["flops_train_step"]["ours"]
+    assert d["unet_over_dit_step"] == pytest.approx(
+        d["train_step_s"]["unet"]["median"] / d["train_step_s"]["ours"]["median"]
+    )
+    assert "| tiny_dit vs tiny 8px, batch 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_flops_count_attention_on_the_cpu():
+    """torch's FLOP counter has no formula for the CPU's fused attention kernel; the bench adds it: 4 B H N^2 d
+    forward (QK^T and AV) and torch's own formula for the backward (which recomputes the scores: 3.5x in all)."""
+    b, h, n, d = 2, 3, 16, 8
+
+    class Attend(nn.Module):
+        def forward(self, x, t, **_):
+            q = x.view(b, h, n, d)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    x = torch.randn(b, h * n * d, requires_grad=True)
+    batch = {"x": x, "t": torch.zeros(b)}
+    flops = bench.count_flops(Attend(), batch, bench.Settings(device=torch.device("cpu")))
+    shape = (b, h, n, d)
+    assert flops == 4 * b * h * n * n * d + sdpa_backward_flop_count(shape, shape, shape, shape)
+    assert flops == 3.5 * 4 * b * h * n * n * d
 
 
 def test_unknown_preset_is_a_clear_error(tmp_path):
