@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,8 @@ def reference_row(
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Score every (sampler, steps, guidance) cell; write metrics.csv / .md / _vs_nfe.png; return the rows."""
+    if cfg.get("sigma_rels"):
+        return evaluate_sigma_rels(cfg)
     _check(cfg)
     device = resolve_device(cfg.device)
     model, config = load_system(cfg.ckpt, device=device)  # refuses checkpoints of other systems
@@ -373,6 +376,48 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The post-hoc EMA axis (Karras et al. 2024): the checkpoint's run reconstructed at each of `sigma_rels`
+    (`diffusion_lab.phema`, from the snapshots in `phema/` beside `ckpt`), each evaluated like a checkpoint into
+    `<out>/sigma_rel_<s>/`; the rows, with their sigma_rel, also go to `<out>/metrics_vs_sigma_rel.{csv,md,png}`."""
+    from diffusion_lab.phema import posthoc_checkpoints
+
+    sigma_rels = [
+        float(s) for s in (cfg.sigma_rels if isinstance(cfg.sigma_rels, Sequence) else [cfg.sigma_rels])
+    ]
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
+    rows: list[dict[str, Any]] = []
+    for i, (sigma_rel, path) in enumerate(
+        zip(sigma_rels, posthoc_checkpoints(cfg.ckpt, sigma_rels), strict=True)
+    ):
+        one = OmegaConf.merge(
+            cfg, {"ckpt": str(path), "sigma_rels": None, "out": str(out / f"sigma_rel_{sigma_rel:.3f}")}
+        )
+        if i:  # the real-data reference row once
+            one.reference_split = None
+        rows += [{"sigma_rel": sigma_rel if r["nfe"] else None, **r} for r in evaluate(one)]
+    metrics = [c for c in metric_columns(rows) if c != "sigma_rel"]
+    columns = ["sigma_rel", *KEY_COLUMNS, *metrics, *INFO_COLUMNS]
+    with open(out / "metrics_vs_sigma_rel.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# {cfg.ckpt}: post-hoc EMA lengths",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    (out / "metrics_vs_sigma_rel.md").write_text("\n".join(lines) + "\n")
+    by_sigma = [
+        {**{k: v for k, v in r.items() if k != "sigma_rel"}, "nfe": r["sigma_rel"] or 0} for r in rows
+    ]
+    plot_metrics(by_sigma, out / "metrics_vs_sigma_rel.png", x="sigma_rel")
+    log.info("wrote %s (and .md, .png)", out / "metrics_vs_sigma_rel.csv")
+    return rows
+
+
 def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, train_config: dict) -> None:
     """`logger=wandb`: the metrics as a wandb Table (`eval/metrics`), the plot and both configs, in the wandb
     group of the checkpoint's sweep when it came from one (`python -m diffusion_lab.train -m ...`)."""
@@ -466,8 +511,9 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per metric against NFE (log axis), one line per sampler (and guidance scale)."""
+def plot_metrics(rows: list[dict[str, Any]], path: Path, *, x: str = "NFE") -> Path:
+    """One panel per metric against NFE (log axis), one line per sampler (and guidance scale); `x` names the
+    axis when the rows carry another value in "nfe" (sigma_rel)."""
     from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global backend state
 
     metrics = [m for m in metric_columns(rows) if not m.endswith("_std")]
@@ -494,9 +540,9 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
             if metric in r:
                 ax.axhline(r[metric], color="grey", linestyle="--", label=f"{r['sampler']} (reference)")
         ax.set_xscale("log")
-        ax.set_xticks(nfes, [str(n) for n in nfes])  # the measured NFEs, plainly labelled
+        ax.set_xticks(nfes, [f"{n:g}" for n in nfes])  # the measured values, plainly labelled
         ax.minorticks_off()
-        ax.set_xlabel("NFE")
+        ax.set_xlabel(x)
         ax.set_title(metric)
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[len(metrics) :]:
