@@ -133,7 +133,12 @@ def config_errors(node: Any, key: str = "") -> list[str]:
                     continue
                 where = f"{key}.{k}" if key else str(k)
                 if names is not None and k not in names:
-                    errors.append(f"{where} is not an argument of {name} ({_suggest(str(k), names)})")
+                    hint = _suggest(str(k), names)
+                    if not hint.startswith(
+                        "did you mean"
+                    ):  # e.g. an experiment's UNet setting under model/net=dit_*
+                        hint += f"; a config setting it for another {key.rsplit('.', 1)[-1] or 'target'} is undone by '~{where}'"
+                    errors.append(f"{where} is not an argument of {name} ({hint})")
                 elif k in hints and matches(v, hints[k]) is False:
                     errors.append(f"{where}={v!r} has the wrong type: {name} expects {_describe(hints[k])}")
         for k, v in node.items():

@@ -187,6 +187,24 @@ def test_every_net_config_builds_a_denoising_net_and_systems_refuse_others():
         check_denoising_net(nn.Linear(2, 2))
 
 
+def test_an_experiments_unet_setting_under_a_dit_says_how_to_drop_it():
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.validation import config_errors
+
+    cfg = compose("train", ["experiment=fashion_mnist", "model/net=dit_tiny"], Path("unused"))
+    errors = config_errors(OmegaConf.to_container(cfg.model.net, resolve=True), "model.net")
+    assert errors == [
+        "model.net.attention_levels is not an argument of DiT (it takes: context_dim, depth, frequency_dim, "
+        "hidden_size, in_channels, mlp_ratio, num_classes, num_heads, out_channels, patch_size; a config setting "
+        "it for another net is undone by '~model.net.attention_levels')"
+    ]
+    fixed = compose(
+        "train", ["experiment=fashion_mnist", "model/net=dit_tiny", "~model.net.attention_levels"], Path("x")
+    )
+    assert config_errors(OmegaConf.to_container(fixed.model.net, resolve=True), "model.net") == []
+
+
 DIT_TINY = [
     "model/net=dit_tiny",
     "model.net.patch_size=2",
