@@ -21,9 +21,9 @@ from diffusion_lab.systems.optim import build_optimizers
 
 
 class DiffusionSystem(L.LightningModule):
-    """Diffusion training on any formulation, for any `DenoisingNet` (UNet, DiT): a noise process (DDPM's discrete VP schedules, EDM / VE, rectified
-    flow), an objective (eps / v / x0 / flow velocity / EDM preconditioning), a training noise-level
-    distribution and a loss weighting, with per-sample CFG condition dropout.
+    """Diffusion training on any formulation, for any `DenoisingNet` (UNet, DiT): a noise process (DDPM's discrete
+    VP schedules, EDM / VE, rectified flow), an objective (eps / v / x0 / flow velocity / EDM preconditioning), a
+    training noise-level distribution and a loss weighting, with per-sample CFG condition dropout.
 
     `process` (legacy name: `schedule`, as in checkpoints written before the continuous-time core) and
     `prediction_type` + `objective_opts` (e.g. {sigma_data: 0.5} for edm) choose the formulation;
