@@ -24,10 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from diffusion_lab.checkpoints import load_system
 from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.diffusion import get_sampler
+from diffusion_lab.generate import SEEDING_RULE, balanced_labels, generate, guidance_options, resolve_device
 from diffusion_lab.images import log_image
 from diffusion_lab.metrics.features import (
     FEATURE_EXTRACTORS,
@@ -38,11 +40,9 @@ from diffusion_lab.metrics.features import (
     uint8_to_images,
 )
 from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid_from_features, save_npz
-from diffusion_lab.metrics.generate import balanced_labels, generate
 from diffusion_lab.metrics.kid import kernel_inception_distance
 from diffusion_lab.metrics.prdc import precision_recall
 from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
-from diffusion_lab.sample import guidance_options, load_system, resolve_device
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
@@ -139,9 +139,10 @@ def load_or_generate(
         try:
             with np.load(path) as z:
                 data = {k: z[k] for k in z.files}
-            if str(data.get("ckpt_md5")) == ckpt_id and len(data["images"]) == num_samples:
+            same = str(data.get("ckpt_md5")) == ckpt_id and str(data.get("seeding")) == SEEDING_RULE
+            if same and len(data["images"]) == num_samples:
                 return {**data, "cached": True}
-            log.warning("%s was sampled from another checkpoint; sampling again", path)
+            log.warning("%s was sampled from another checkpoint or by older code; sampling again", path)
         except (OSError, ValueError, KeyError) as e:
             log.warning("unreadable sample cache %s (%s); sampling again", path, e)
     start = time.time()
@@ -167,6 +168,7 @@ def load_or_generate(
         "nfe": np.array(sampler.nfe),
         "seconds": np.array(time.time() - start),
         "ckpt_md5": np.array(ckpt_id),
+        "seeding": np.array(SEEDING_RULE),
     }
     if labels is not None:
         data["labels"] = labels.numpy()
@@ -264,7 +266,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     judge = extractors.get("classifier") or (
         ClassifierFeatures(ckpt=cfg.classifier_ckpt) if cfg.classifier_ckpt else None
     )
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = model.num_classes
     if judge is not None and num_classes is not None and judge.num_classes != num_classes:
         raise ValueError(
             f"the classifier {cfg.classifier_ckpt} has {judge.num_classes} classes, the model {num_classes}: "
@@ -284,7 +286,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )[0]
         for name, ext in extractors.items()
     }
-    text = bool(getattr(model, "is_text_conditional", False))
+    text = model.is_text_conditional
     labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
     prompts = _prompts(ds, cfg.num_samples) if text else None
     scorer = (

@@ -548,7 +548,7 @@ def test_autoguidance_is_guide_plus_scaled_difference():
 
 @pytest.mark.parametrize("formulation", ["edm", "flow"])
 def test_formulation_trains_and_samples_end_to_end(formulation, tmp_path, tiny_overrides):
-    from diffusion_lab.sample import load_system
+    from diffusion_lab.checkpoints import load_system
     from diffusion_lab.train import train
 
     from conftest import compose
