@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from diffusion_lab.callbacks.run_config import CHECKPOINT_KEY
 from diffusion_lab.files import CorruptFileError, verify_checksum
 from diffusion_lab.nets.autoencoder import AutoencoderKL
 from diffusion_lab.nets.classifier import ConvClassifier
@@ -19,6 +18,7 @@ from diffusion_lab.validation import locate
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_KEY = "diffusion_lab"  # the block holding the resolved run config (callbacks.run_config.RunConfig)
 AUTOENCODER_KEY = "autoencoder"  # the self-contained block a stage-1 (or latent) checkpoint carries
 AUTOENCODER_FORMAT = "diffusion_lab.AutoencoderKL/1"
 CLASSIFIER_SYSTEM = "diffusion_lab.systems.classifier.ClassifierSystem"
