@@ -18,9 +18,7 @@ from tqdm.auto import tqdm
 from diffusion_lab.checkpoints import load_guide
 from diffusion_lab.diffusion.utils import randn_like
 
-SEEDING_RULE = (
-    "per-sample/1"  # evaluate's sample cache is kept only when drawn by this rule (and clip decision)
-)
+SEEDING_RULE = "per-sample/1"  # evaluate reuses a cached sample file only when it was drawn by this rule
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
