@@ -17,7 +17,8 @@ def tiny_autoencoder_ckpt(path: Path, *, in_channels: int = 3, channel_mult=(1, 
     """A random stage-1 checkpoint (f = 2^(levels - 1), 4 latent channels, scale factor 0.5) at `path`."""
     import torch
 
-    from diffusion_lab.nets.autoencoder import AutoencoderKL, autoencoder_checkpoint_block
+    from diffusion_lab.checkpoints import autoencoder_checkpoint_block
+    from diffusion_lab.nets.autoencoder import AutoencoderKL
 
     torch.manual_seed(0)
     net = AutoencoderKL(

@@ -9,10 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("diffusers")
-
-from diffusion_lab import bench  # noqa: E402
-from diffusion_lab.nets.unet import UNet  # noqa: E402
+from diffusion_lab import bench
+from diffusion_lab.nets.unet import UNet
 
 
 def _layers(net: nn.Module) -> Counter:
@@ -22,6 +20,7 @@ def _layers(net: nn.Module) -> Counter:
 @pytest.mark.parametrize("preset", ["quickstart", "cifar", "tiny"])
 def test_diffusers_twin_matches_our_unet(preset):
     """Same convolutions and norms, layer for layer, and parameter counts within 0.5% (attention biases)."""
+    pytest.importorskip("diffusers")  # the twin's library: a test oracle only (the dev extra)
     kw = bench.PRESETS[preset].unet
     ours, twin = UNet(**kw), bench.diffusers_twin(kw)
     assert _layers(ours) == _layers(twin)
@@ -42,6 +41,7 @@ def test_activation_bytes_counts_saved_tensors():
 
 
 def test_bench_writes_json_and_table(tmp_path):
+    pytest.importorskip("diffusers")
     out = tmp_path / "bench.json"
     result = bench.main(["--preset", "tiny", "--repeats", "2", "--warmup", "1", "--out", str(out)])
     saved = json.loads(out.read_text())

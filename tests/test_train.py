@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
-from diffusion_lab.sample import CheckpointError, load_system
+from diffusion_lab.checkpoints import CheckpointError, load_system
 from diffusion_lab.train import train
 
 from conftest import CONF_DIR, TINY, compose
