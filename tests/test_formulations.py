@@ -504,7 +504,7 @@ def test_data_sets_text_encoders_and_feature_extractors_have_their_yaml_and_back
     }
     for name in ("fid", "fid_classifier", "fid_random"):  # each composes, sampling with the run's sampler
         cfg = compose("train", [*tiny_overrides, f"callbacks=[default,{name}]"], tmp_path)
-        assert cfg.callbacks.fid.sampler.name == cfg.sampler.name == "ddim"
+        assert cfg.callbacks.fid.sampler.name == cfg.sampler.name == "flow_euler"
     assert instantiate(cfg.callbacks.fid).key == "fid_random"  # the one without weights also builds
 
 
@@ -518,7 +518,7 @@ def test_callbacks_diffusion_takes_image_logger_steps(tmp_path, tiny_overrides):
     cfg = compose("train", [*over, "callbacks=diffusion", "callbacks.image_logger.steps=25"], tmp_path)
     assert "class_accuracy" not in cfg.callbacks and cfg.callbacks.image_logger.steps == 25
     logger = instantiate(cfg.callbacks.image_logger)
-    assert (logger.sampler.name, logger.sampler.steps, logger.every_n_steps) == ("ddim", 25, 2)
+    assert (logger.sampler.name, logger.sampler.steps, logger.every_n_steps) == ("flow_euler", 25, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -636,7 +636,7 @@ def test_sample_cli_with_guidance_refinements_and_a_guide(tmp_path, tiny_overrid
 
     from conftest import compose
 
-    for name, extra in (("main", []), ("guide", ["trainer.max_steps=2"]), ("other", ["formulation=flow"])):
+    for name, extra in (("main", []), ("guide", ["trainer.max_steps=2"]), ("other", ["formulation=edm"])):
         train(compose("train", [*tiny_overrides, *extra], tmp_path / name))
     ckpt = {n: tmp_path / n / "checkpoints" / "last.ckpt" for n in ("main", "guide", "other")}
     run = [sys.executable, "-m", "diffusion_lab.sample", f"ckpt={ckpt['main']}", "n=4", "sampler.steps=3"]
