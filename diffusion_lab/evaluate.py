@@ -9,10 +9,8 @@ the extractor has logits) and conditional accuracy (class models, judged by the 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +23,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from diffusion_lab.checkpoints import load_system
 from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.diffusion import get_sampler
+from diffusion_lab.generate import SEEDING_RULE, balanced_labels, generate, guidance_options, resolve_device
 from diffusion_lab.images import log_image
 from diffusion_lab.metrics.features import (
     FEATURE_EXTRACTORS,
@@ -39,17 +39,22 @@ from diffusion_lab.metrics.features import (
     uint8_to_images,
 )
 from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid_from_features, save_npz
-from diffusion_lab.metrics.generate import balanced_labels, generate
 from diffusion_lab.metrics.kid import kernel_inception_distance
 from diffusion_lab.metrics.prdc import precision_recall
 from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
-from diffusion_lab.sample import guidance_options, load_system, resolve_device
+from diffusion_lab.tables import (
+    EVAL_INFO,
+    EVAL_KEYS,
+    columns_of,
+    markdown_table,
+    plot_metrics_vs_nfe,
+    write_csv,
+)
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
 SPLITS = ("train", "val", "test")
-KEY_COLUMNS = ("sampler", "steps", "nfe", "guidance_scale", "num_samples", "seed")
-INFO_COLUMNS = ("sample_seconds",)
+KEY_COLUMNS, INFO_COLUMNS = EVAL_KEYS, EVAL_INFO
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -140,9 +145,10 @@ def load_or_generate(
         try:
             with np.load(path) as z:
                 data = {k: z[k] for k in z.files}
-            if str(data.get("ckpt_md5")) == ckpt_id and len(data["images"]) == num_samples:
+            same = str(data.get("ckpt_md5")) == ckpt_id and str(data.get("seeding")) == SEEDING_RULE
+            if same and len(data["images"]) == num_samples:
                 return {**data, "cached": True}
-            log.warning("%s was sampled from another checkpoint; sampling again", path)
+            log.warning("%s was sampled from another checkpoint or by older code; sampling again", path)
         except (OSError, ValueError, KeyError) as e:
             log.warning("unreadable sample cache %s (%s); sampling again", path, e)
     start = time.time()
@@ -168,6 +174,7 @@ def load_or_generate(
         "nfe": np.array(sampler.nfe),
         "seconds": np.array(time.time() - start),
         "ckpt_md5": np.array(ckpt_id),
+        "seeding": np.array(SEEDING_RULE),
     }
     if labels is not None:
         data["labels"] = labels.numpy()
@@ -267,7 +274,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     judge = extractors.get("classifier") or (
         ClassifierFeatures(ckpt=cfg.classifier_ckpt) if cfg.classifier_ckpt else None
     )
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = model.num_classes
     if judge is not None and num_classes is not None and judge.num_classes != num_classes:
         raise ValueError(
             f"the classifier {cfg.classifier_ckpt} has {judge.num_classes} classes, the model {num_classes}: "
@@ -287,7 +294,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )[0]
         for name, ext in extractors.items()
     }
-    text = bool(getattr(model, "is_text_conditional", False))
+    text = model.is_text_conditional
     labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
     prompts = _prompts(ds, cfg.num_samples) if text else None
     scorer = (
@@ -362,7 +369,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         rows.append(row)
         # after every cell, so an interrupted run keeps the rows it has
         write_tables(rows, out, title=_title(cfg, ds, dm))
-    plot_metrics(rows, out / "metrics_vs_nfe.png")
+    plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
     info = {
         "ckpt": str(cfg.ckpt),
         "real_split": cfg.split,
@@ -396,24 +403,15 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
         if i:  # the real-data reference row once
             one.reference_split = None
         rows += [{"sigma_rel": sigma_rel if r["nfe"] else None, **r} for r in evaluate(one)]
-    metrics = [c for c in metric_columns(rows) if c != "sigma_rel"]
+    metrics = columns_of(rows, ("sigma_rel", *KEY_COLUMNS, *INFO_COLUMNS))
     columns = ["sigma_rel", *KEY_COLUMNS, *metrics, *INFO_COLUMNS]
-    with open(out / "metrics_vs_sigma_rel.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [
-        f"# {cfg.ckpt}: post-hoc EMA lengths",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-    ]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    write_csv(rows, out / "metrics_vs_sigma_rel.csv", columns=columns)
+    lines = [f"# {cfg.ckpt}: post-hoc EMA lengths", "", *markdown_table(rows, columns)]
     (out / "metrics_vs_sigma_rel.md").write_text("\n".join(lines) + "\n")
     by_sigma = [
         {**{k: v for k, v in r.items() if k != "sigma_rel"}, "nfe": r["sigma_rel"] or 0} for r in rows
     ]
-    plot_metrics(by_sigma, out / "metrics_vs_sigma_rel.png", x="sigma_rel")
+    plot_metrics_vs_nfe(by_sigma, out / "metrics_vs_sigma_rel.png", x_label="sigma_rel")
     log.info("wrote %s (and .md, .png)", out / "metrics_vs_sigma_rel.csv")
     return rows
 
@@ -443,7 +441,7 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, trai
             kwargs["name"] = f"evaluate/{run_dir.name}"[:128]
         logger = instantiate(node, **kwargs)
         logger.log_hyperparams({"evaluate": OmegaConf.to_container(cfg, resolve=True), "train": train_config})
-        columns = [*KEY_COLUMNS, *metric_columns(rows), *INFO_COLUMNS]
+        columns = [*KEY_COLUMNS, *columns_of(rows, (*KEY_COLUMNS, *INFO_COLUMNS)), *INFO_COLUMNS]
         logger.log_table(
             key="eval/metrics", columns=columns, data=[[r.get(c) for c in columns] for r in rows]
         )
@@ -465,95 +463,32 @@ def _title(cfg: DictConfig, ds, dm) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    seen: list[str] = []
-    for row in rows:
-        seen += [k for k in row if k not in KEY_COLUMNS and k not in INFO_COLUMNS and k not in seen]
-    return seen
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
-
-
 def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluation") -> None:
     """metrics.csv (all values) and metrics.md (the table, plus FID by sampler x steps per extractor)."""
-    columns = [*KEY_COLUMNS, *metric_columns(rows), *INFO_COLUMNS]
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    metrics = columns_of(rows, (*KEY_COLUMNS, *INFO_COLUMNS))
+    columns = [*KEY_COLUMNS, *metrics, *INFO_COLUMNS]
+    write_csv(rows, out / "metrics.csv", columns=columns)
+    lines = [f"# {title}", "", *markdown_table(rows, columns)]
     refs = [r for r in rows if r["nfe"] == 0]
-    rows = [r for r in rows if r["nfe"] > 0]
-    for col in [c for c in metric_columns(rows) if c.startswith("fid_")]:
-        steps = sorted({r["steps"] for r in rows})
-        for g in sorted({r["guidance_scale"] for r in rows}):
-            lines += ["", f"## {col} (guidance {g:g}): sampler x steps", ""]
-            lines += [
-                "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |",
-                "|" + "---|" * (len(steps) + 1),
+    cells = {(r["sampler"], r["guidance_scale"], r["steps"]): r for r in rows if r["nfe"] > 0}
+    steps = sorted({k for _, _, k in cells})
+    heads = [f"{k} steps" for k in steps]
+    for col in [c for c in metrics if c.startswith("fid_")]:
+        for g in sorted({g for _, g, _ in cells}):
+            table = [
+                {"sampler": s, **{h: cells.get((s, g, k), {}).get(col) for k, h in zip(steps, heads)}}
+                for s in dict.fromkeys(s for s, _, _ in cells)
             ]
-            for s in dict.fromkeys(r["sampler"] for r in rows):
-                vals = {
-                    r["steps"]: r.get(col) for r in rows if r["sampler"] == s and r["guidance_scale"] == g
-                }
-                lines.append(f"| {s} | " + " | ".join(_fmt(vals.get(k, "")) for k in steps) + " |")
+            table += [
+                {"sampler": f"{r['sampler']} (reference)", **dict.fromkeys(heads, r.get(col))} for r in refs
+            ]
             lines += [
-                f"| {r['sampler']} (reference) | " + " | ".join([_fmt(r.get(col))] * len(steps)) + " |"
-                for r in refs
+                "",
+                f"## {col} (guidance {g:g}): sampler x steps",
+                "",
+                *markdown_table(table, ["sampler", *heads]),
             ]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
-
-
-def plot_metrics(rows: list[dict[str, Any]], path: Path, *, x: str = "NFE") -> Path:
-    """One panel per metric against NFE (log axis), one line per sampler (and guidance scale); `x` names the
-    axis when the rows carry another value in "nfe" (sigma_rel)."""
-    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global backend state
-
-    metrics = [m for m in metric_columns(rows) if not m.endswith("_std")]
-    ncols = min(3, max(1, len(metrics)))
-    nrows = max(1, math.ceil(len(metrics) / ncols))
-    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    refs = [r for r in rows if r["nfe"] == 0]
-    rows = [r for r in rows if r["nfe"] > 0]
-    guidance = sorted({r["guidance_scale"] for r in rows})
-    nfes = sorted({r["nfe"] for r in rows})
-    for ax, metric in zip(axes, metrics):
-        for s in dict.fromkeys(r["sampler"] for r in rows):
-            for g in guidance:
-                pts = sorted(
-                    (r["nfe"], r[metric])
-                    for r in rows
-                    if r["sampler"] == s and r["guidance_scale"] == g and metric in r
-                )
-                if pts:
-                    label = s if len(guidance) == 1 else f"{s} (w={g:g})"
-                    ax.plot(*zip(*pts), marker="o", label=label)
-        for r in refs:
-            if metric in r:
-                ax.axhline(r[metric], color="grey", linestyle="--", label=f"{r['sampler']} (reference)")
-        ax.set_xscale("log")
-        ax.set_xticks(nfes, [f"{n:g}" for n in nfes])  # the measured values, plainly labelled
-        ax.minorticks_off()
-        ax.set_xlabel(x)
-        ax.set_title(metric)
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[len(metrics) :]:
-        ax.set_visible(False)
-    if metrics:
-        axes[0].legend(fontsize="small")
-    fig.subplots_adjust(
-        left=0.08, right=0.98, bottom=0.16 / nrows, top=1 - 0.09 / nrows, hspace=0.5, wspace=0.3
-    )
-    fig.savefig(path, dpi=100)
-    return path
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

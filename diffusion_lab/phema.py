@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion_lab.callbacks.checkpoint import CheckpointError, atomic_save, verify_checkpoint
+from diffusion_lab.callbacks.checkpoint import atomic_save
+from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +134,9 @@ def list_snapshots(directory: str | Path) -> list[Snapshot]:
 
 def load_snapshot(snapshot: Snapshot) -> dict[str, torch.Tensor]:
     """The averaged weights of a snapshot file (state_dict names), checked against its checksum."""
-    verify_checkpoint(snapshot.path)
-    try:
-        data = torch.load(snapshot.path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"cannot read post-hoc EMA snapshot {snapshot.path}: {type(e).__name__}: {e}"
-        ) from e
+    data = read_checkpoint(snapshot.path, what="post-hoc EMA snapshot")
+    if not isinstance(data.get("weights"), dict):
+        raise CheckpointError(f"{snapshot.path} is not a post-hoc EMA snapshot (no 'weights')")
     return data["weights"]
 
 
@@ -221,8 +218,6 @@ def reconstruct(
     ckpt_dir) holding the post-hoc EMA of that length, reconstructed from `<ckpt_dir>/phema/` snapshots; the
     config and the weights that are not averaged (frozen parts, buffers) come from `template` (default
     `<ckpt_dir>/last.ckpt`). Returns the paths."""
-    from diffusion_lab.sample import read_checkpoint
-
     ckpt_dir = Path(ckpt_dir)
     sigma_rels = [float(s) for s in sigma_rels]
     sigma_rel_to_gamma(np.asarray(sigma_rels))  # range check before any file is read

@@ -33,11 +33,23 @@ from typing import Any
 
 import yaml
 
+from diffusion_lab.tables import (
+    colors,
+    columns_of,
+    figure,
+    fmt,
+    is_num,
+    legend_outside,
+    markdown_table,
+    md_cell,
+    plot_metrics_vs_nfe,
+    write_csv,
+)
+
 log = logging.getLogger(__name__)
 
 EXCLUDED_KEY_PREFIXES = ("hydra", "paths")  # where a run writes is no part of what it is
 SKIP_DIRS = {"checkpoints", "samples", "wandb", "tensorboard", "csv", "features", "__pycache__"}
-EVAL_KEYS = ("sampler", "steps", "nfe", "guidance_scale")
 SUMMARY_FIRST = ("final_train_loss", "final_val_loss", "class_accuracy")
 NOT_BARS = {"steps", "epochs"}  # bookkeeping, not results
 LOSS_COLUMNS = ("train/loss", "val/loss")
@@ -204,26 +216,10 @@ def summary_columns(runs: list[Run]) -> list[str]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in cols:
                 cols.append(k)
         for k, v in (run.summary or {}).items():  # a null metric in one run may be a number in another
-            if v is None and k not in cols and any(_is_num((r.summary or {}).get(k)) for r in runs):
+            if v is None and k not in cols and any(is_num((r.summary or {}).get(k)) for r in runs):
                 cols.append(k)
     first = [c for c in SUMMARY_FIRST if c in cols]
     return first + [c for c in cols if c not in first]
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
-
-
-def _md_cell(v: Any) -> str:
-    return _fmt(v).replace("|", "\\|")
 
 
 def run_rows(runs: list[Run], columns: list[str], root: Path | None) -> list[dict[str, Any]]:
@@ -242,22 +238,6 @@ def run_rows(runs: list[Run], columns: list[str], root: Path | None) -> list[dic
 
 def eval_rows(evals: list[Evaluation]) -> list[dict[str, Any]]:
     return [{"run": ev.label, **row} for ev in evals for row in ev.rows]
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return lines
 
 
 def write_markdown(
@@ -281,7 +261,7 @@ def write_markdown(
         if constant:
             lines += [
                 "",
-                "Same in every run: " + ", ".join(f"{k} = {_md_cell(v)}" for k, v in constant.items()),
+                "Same in every run: " + ", ".join(f"{k} = {md_cell(v)}" for k, v in constant.items()),
             ]
         lines += ["", "## Runs", ""]
         lines += markdown_table(rows, ["run", *(c for c in columns if c not in constant), "folder"])
@@ -296,10 +276,7 @@ def write_markdown(
         lines += ["", "## Over seeds (mean ± std)", ""] + markdown_table(table, ["run", "seeds", *varying])
         lines += ["", "Runs that differ only by `seed`, grouped; std is the sample standard deviation."]
     if erows:
-        ecols: list[str] = []
-        for r in erows:
-            ecols += [k for k in r if k not in ecols]
-        lines += ["", "## Evaluations", ""] + markdown_table(erows, ecols)
+        lines += ["", "## Evaluations", ""] + markdown_table(erows, columns_of(erows))
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     path.write_text("\n".join(lines) + "\n")
@@ -334,7 +311,7 @@ def seed_rows(groups: dict[str, list[Run]], columns: list[str]) -> list[dict[str
     for label, members in groups.items():
         row: dict[str, Any] = {"run": label, "n": len(members)}
         for c in columns:
-            values = [float(v) for v in ((m.summary or {}).get(c) for m in members) if _is_num(v)]
+            values = [float(v) for v in ((m.summary or {}).get(c) for m in members) if is_num(v)]
             if len(values) >= 2:
                 mean = sum(values) / len(values)
                 row[f"{c}_mean"] = mean
@@ -346,7 +323,7 @@ def seed_rows(groups: dict[str, list[Run]], columns: list[str]) -> list[dict[str
 def _mean_std(row: dict[str, Any], column: str) -> str:
     if f"{column}_mean" not in row:
         return ""
-    return f"{_fmt(row[f'{column}_mean'])} ± {_fmt(row[f'{column}_std'])}"
+    return f"{fmt(row[f'{column}_mean'])} ± {fmt(row[f'{column}_std'])}"
 
 
 def final_grid(run: Run) -> Path | None:
@@ -370,7 +347,7 @@ def read_curves(run: Run) -> dict[str, list[tuple[int, float]]]:
                 step = _number(row.get("step"))
                 for col in LOSS_COLUMNS:
                     value = _number(row.get(col))
-                    if isinstance(step, int) and _is_num(value):
+                    if isinstance(step, int) and is_num(value):
                         curves.setdefault(col, {})[step] = float(value)
     return {k: sorted(v.items()) for k, v in curves.items()}
 
@@ -384,36 +361,16 @@ def _smooth(values: list[float], alpha: float) -> list[float]:
     return out
 
 
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _legend_outside(ax, handles=None, labels=None, title=None) -> None:
-    kw = {"handles": handles, "labels": labels} if handles is not None else {}
-    ax.legend(
-        **kw, title=title, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False
-    )
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global backend state
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def plot_loss_curves(runs: list[Run], path: Path) -> Path | None:
     curves = {run.label: read_curves(run) for run in runs}
     columns = [c for c in LOSS_COLUMNS if any(c in cv for cv in curves.values())]
     if not columns:
         return None
-    fig = _figure(7.5 + 0.05 * max(len(r.label) for r in runs), 3.6 * len(columns))
+    fig = figure(7.5 + 0.05 * max(len(r.label) for r in runs), 3.6 * len(columns))
     axes = fig.subplots(len(columns), 1, squeeze=False).ravel()
-    colors = _colors(len(runs))
+    palette = colors(len(runs))
     for ax, col in zip(axes, columns):
-        for color, run in zip(colors, runs):
+        for color, run in zip(palette, runs):
             pts = curves[run.label].get(col)
             if not pts:
                 continue
@@ -428,7 +385,7 @@ def plot_loss_curves(runs: list[Run], path: Path) -> Path | None:
         ax.set_ylabel(col)
         ax.set_title(col + (" (EMA 0.9 smoothed; raw faint)" if smoothed else ""), fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)
-        _legend_outside(ax)
+        legend_outside(ax)
     fig.savefig(path, dpi=110)
     return path
 
@@ -438,9 +395,9 @@ def plot_final_metrics(runs: list[Run], columns: list[str], path: Path) -> Path 
     metrics = []
     for c in columns:
         values = [(run.summary or {}).get(c) for run in runs]
-        if c in NOT_BARS or not any(_is_num(v) for v in values):
+        if c in NOT_BARS or not any(is_num(v) for v in values):
             continue
-        if len(runs) > 1 and len({v for v in values if _is_num(v)}) < 2:
+        if len(runs) > 1 and len({v for v in values if is_num(v)}) < 2:
             continue  # the same for every run: nothing to compare
         metrics.append(c)
     if not metrics:
@@ -448,19 +405,19 @@ def plot_final_metrics(runs: list[Run], columns: list[str], path: Path) -> Path 
     ncols = min(3, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
     label_width = max(len(r.label) for r in runs)
-    fig = _figure(max(9.0, ncols * (2.6 + 0.065 * label_width)), nrows * (1.0 + 0.42 * len(runs)))
+    fig = figure(max(9.0, ncols * (2.6 + 0.065 * label_width)), nrows * (1.0 + 0.42 * len(runs)))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    colors = _colors(len(runs))
+    palette = colors(len(runs))
     y = list(range(len(runs)))
     for i, (ax, metric) in enumerate(zip(axes, metrics)):
         values = [(run.summary or {}).get(metric) for run in runs]
-        nums = [float(v) if _is_num(v) else 0.0 for v in values]
-        ax.barh(y, nums, color=colors)
+        nums = [float(v) if is_num(v) else 0.0 for v in values]
+        ax.barh(y, nums, color=palette)
         for yi, v in zip(y, values):
             ax.text(
-                (v if _is_num(v) else 0.0),
+                (v if is_num(v) else 0.0),
                 yi,
-                " " + _fmt(v) if _is_num(v) else " n/a",
+                " " + fmt(v) if is_num(v) else " n/a",
                 va="center",
                 fontsize="x-small",
             )
@@ -485,7 +442,7 @@ def plot_final_grids(runs: list[Run], path: Path) -> Path | None:
         return None
     ncols = min(4, len(grids))
     nrows = math.ceil(len(grids) / ncols)
-    fig = _figure(3.2 * ncols, 3.5 * nrows)
+    fig = figure(3.2 * ncols, 3.5 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (label, grid) in zip(axes, grids):
         with Image.open(grid) as im:
@@ -494,82 +451,6 @@ def plot_final_grids(runs: list[Run], path: Path) -> Path | None:
         ax.axis("off")
     for ax in axes[len(grids) :]:
         ax.set_visible(False)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def eval_metric_columns(erows: list[dict[str, Any]]) -> list[str]:
-    skip = {"run", *EVAL_KEYS, "num_samples", "seed", "sample_seconds"}
-    cols: list[str] = []
-    for r in erows:
-        cols += [
-            k
-            for k, v in r.items()
-            if k not in skip and k not in cols and not k.endswith("_std") and _is_num(v)
-        ]
-    return cols
-
-
-def plot_metrics_vs_nfe(erows: list[dict[str, Any]], path: Path) -> Path | None:
-    """One panel per metric against NFE (log axis): colour = run, marker / line style = sampler."""
-    from matplotlib.lines import Line2D
-
-    metrics = eval_metric_columns(erows)
-    rows = [r for r in erows if _is_num(r.get("nfe")) and r["nfe"] > 0]
-    if not metrics or not rows:
-        return None
-    refs = [r for r in erows if r.get("nfe") == 0]
-    labels = list(dict.fromkeys(r["run"] for r in rows))
-    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    guidance = sorted({r.get("guidance_scale") for r in rows}, key=lambda g: (g is None, g))
-    colors = dict(zip(labels, _colors(len(labels))))
-    markers = dict(zip(samplers, "osD^vP*Xh<>"[: len(samplers)] * (1 + len(samplers) // 11)))
-    styles = dict(zip(guidance, ["-", "--", ":", "-."] * (1 + len(guidance) // 4)))
-    nfes = sorted({r["nfe"] for r in rows})
-    ncols = min(3, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig = _figure(4.3 * ncols + 3.5, 3.4 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, metric in zip(axes, metrics):
-        for label in labels:
-            for s in samplers:
-                for g in guidance:
-                    pts = sorted(
-                        (r["nfe"], r[metric])
-                        for r in rows
-                        if r["run"] == label
-                        and r["sampler"] == s
-                        and r.get("guidance_scale") == g
-                        and _is_num(r.get(metric))
-                    )
-                    if pts:
-                        ax.plot(
-                            *zip(*pts),
-                            color=colors[label],
-                            marker=markers[s],
-                            linestyle=styles[g],
-                            markersize=4,
-                        )
-        for value in dict.fromkeys(round(float(r[metric]), 6) for r in refs if _is_num(r.get(metric))):
-            ax.axhline(value, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xticks(nfes, [str(n) for n in nfes])
-        ax.minorticks_off()
-        ax.set_xlabel("NFE")
-        ax.set_title(metric, fontsize="medium")
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[len(metrics) :]:
-        ax.set_visible(False)
-    handles = [Line2D([], [], color=colors[lb], linewidth=2) for lb in labels]
-    handles += [Line2D([], [], color="black", marker=markers[s], linestyle="none") for s in samplers]
-    names = [*labels, *samplers]
-    if len(guidance) > 1:
-        handles += [Line2D([], [], color="black", linestyle=styles[g]) for g in guidance]
-        names += [f"guidance {g:g}" if _is_num(g) else "guidance -" for g in guidance]
-    if refs:
-        handles.append(Line2D([], [], color="grey", linestyle="--"))
-        names.append("real images (reference)")
-    _legend_outside(axes[ncols - 1], handles, names)
     fig.savefig(path, dpi=110)
     return path
 

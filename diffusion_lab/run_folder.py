@@ -15,7 +15,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from diffusion_lab.callbacks.checkpoint import CheckpointError, read_checkpoint_lazily
+from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
 from diffusion_lab.files import write_text_atomic, writing
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class ResumePoint:
 
 def resume_point(path: str | os.PathLike) -> ResumePoint:
     """Read (memory-mapped, checksum verified) where a checkpoint stands; CheckpointError if it cannot be used."""
-    ckpt = read_checkpoint_lazily(path)
+    ckpt = read_checkpoint(path, mmap=True)
     if "global_step" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no global_step): cannot resume from it")
     finished = bool(

@@ -13,142 +13,18 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from diffusion_lab.callbacks.checkpoint import CheckpointError, verify_checkpoint
-from diffusion_lab.callbacks.run_config import CHECKPOINT_KEY
+from diffusion_lab.checkpoints import load_system
 from diffusion_lab.console import quiet
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.files import write_text_atomic, writing
+from diffusion_lab.generate import balanced_labels, generate_all, guidance_options, resolve_device
 from diffusion_lab.images import save_grid
-from diffusion_lab.validation import exit_on_user_error, locate, state_mismatch
+from diffusion_lab.validation import exit_on_user_error
 
 log = logging.getLogger(__name__)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a diffusion_lab checkpoint file (CPU), failing with a one-line cause."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    verify_checkpoint(path)  # bytes changed on disk since they were written: refused
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(
-            f"{path} is not a diffusion_lab training checkpoint (no '{CHECKPOINT_KEY}' config block)"
-        )
-    return ckpt
-
-
-def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """load_state_dict that reports differing architectures as a short list, not a wall of keys."""
-    if parts := state_mismatch(module.state_dict(), state):
-        raise CheckpointError(f"{source} does not match the model: " + " | ".join(parts))
-    module.load_state_dict(state)
-
-
-def standalone_model_config(model_config: dict, path: str | Path) -> DictConfig:
-    """The model config to rebuild a checkpoint from the file alone: a latent model's autoencoder comes from
-    the checkpoint itself (it carries the stage-1 block) and weights to start from (`init_ckpt`) are not
-    read, since the state_dict holds the trained ones."""
-    cfg = OmegaConf.create(model_config)
-    if "autoencoder_ckpt" in cfg:
-        cfg.autoencoder_ckpt = str(path)
-    for node in (cfg, cfg.get("text_encoder")):
-        if isinstance(node, DictConfig) and "init_ckpt" in node:
-            node.init_ckpt = None
-    return cfg
-
-
-def check_generative(config: dict, path: str | Path) -> None:
-    """CheckpointError unless the checkpoint's system is a diffusion model (not a classifier, an autoencoder or a
-    text encoder run), before anything is built from it."""
-    from diffusion_lab.systems.diffusion import DiffusionSystem
-
-    target = (config.get("model") or {}).get("_target_", "")
-    cls = locate(target) if target else None
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionSystem)):
-        raise CheckpointError(
-            f"{path} is not a diffusion model checkpoint: it holds a {target.rsplit('.', 1)[-1] or 'system'}"
-            f" (task {config.get('task_name')!r}); give the checkpoint of a diffusion run"
-        )
-
-
-def weights_to_sample(ckpt: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
-    """The EMA weights (`state_dict`); the raw ones, with a warning, when the EMA had not begun when the
-    checkpoint was written (Lightning's EMAWeightAveraging before `update_starting_at_step`: `state_dict` then
-    holds the initial, untrained weights)."""
-    averaged = (ckpt.get("averaging_state") or {}).get("n_averaged")
-    if averaged is not None and int(averaged) == 0 and "current_model_state" in ckpt:
-        log.warning(
-            "%s: the EMA had not begun when this checkpoint was written (step %s), so its EMA weights are the"
-            " initial ones; sampling from the raw trained weights instead",
-            path,
-            ckpt.get("global_step"),
-        )
-        return ckpt["current_model_state"]
-    return ckpt["state_dict"]
-
-
-def load_system(path: str | Path, *, device: str | torch.device = "cpu"):
-    """Rebuild the trained system (EMA weights) and its run config from a checkpoint alone."""
-    ckpt = read_checkpoint(path)
-    config = ckpt[CHECKPOINT_KEY]["config"]
-    check_generative(config, path)
-    model = instantiate(standalone_model_config(config["model"], path), _convert_="all")
-    load_state_checked(model, weights_to_sample(ckpt, path), source=str(path))
-    model.eval().to(device)
-    return model, config
-
-
-def load_guide(path: str | Path, model, *, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The net of a guide checkpoint for autoguidance (Karras et al. 2024): a weaker model of the same kind
-    (same process, prediction type and conditioning), e.g. an earlier checkpoint of the same run."""
-    guide, _ = load_system(path, device=device)
-    for what in ("process", "objective"):
-        mine, theirs = getattr(model, what, None), getattr(guide, what, None)
-        if repr(mine) != repr(theirs):
-            raise ValueError(f"guide_ckpt {path} has another {what} ({theirs!r}) than the model ({mine!r})")
-    for what in ("num_classes", "is_text_conditional", "sample_shape"):
-        if getattr(model, what, None) != getattr(guide, what, None):
-            raise ValueError(f"guide_ckpt {path} differs from the model in {what}: it cannot guide it")
-    return guide.net
-
-
-def guidance_options(cfg: DictConfig, model, *, device: str | torch.device) -> dict[str, Any]:
-    """guidance_rescale / guidance_interval / guide (from guide_ckpt) of a sample or evaluate config."""
-    interval = cfg.get("guidance_interval")
-    return {
-        "guidance_rescale": float(cfg.get("guidance_rescale") or 0.0),
-        "guidance_interval": None if interval is None else [float(v) for v in interval],
-        "guide": load_guide(cfg.guide_ckpt, model, device=device) if cfg.get("guide_ckpt") else None,
-    }
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` (CUDA when there is one), `cpu`, `cuda`, `cuda:N`, ...; ValueError (one line) for an unknown device
-    or one this machine does not have."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(str(name))
-    except RuntimeError:
-        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device={name} but CUDA is not available here: use device=cpu (or auto)")
-        if device.index is not None and device.index >= count:
-            raise ValueError(
-                f"device={name} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
-            )
-    elif device.type not in ("cpu", "mps"):
-        raise ValueError(f"device={name} is not supported here: use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def number(value: Any, name: str, *, integer: bool = False, minimum: float | None = None) -> float | int:
@@ -162,28 +38,25 @@ def number(value: Any, name: str, *, integer: bool = False, minimum: float | Non
     return int(value) if integer else float(value)
 
 
-def build_condition(model, *, n: int, class_label: int | None, prompt: str | None) -> tuple[dict, dict]:
-    """Net condition for n samples plus what to record in samples.npz (labels / prompts)."""
-    num_classes = getattr(model, "num_classes", None)
+def what_to_draw(model, *, n: int, class_label: Any, prompt: str | None) -> dict[str, Any]:
+    """`labels` or `prompts` for `generate` (also what samples.npz records): the prompt n times, class
+    `class_label` n times, or, for a class model given neither, every class in turn."""
     if prompt is not None:
-        if not hasattr(model, "encode_prompts"):
+        if not model.is_text_conditional:
             raise ValueError("prompt given, but this model is not text-conditional")
-        warn_if_truncated(getattr(model, "text_encoder", None), prompt)
-        return model.encode_prompts([prompt] * n), {"prompts": np.array([prompt] * n)}
-    if class_label is not None:
-        if num_classes is None:
-            raise ValueError("class_label given, but this model is not class-conditional")
-        class_label = number(class_label, "class_label", integer=True)
-        if not 0 <= class_label < num_classes:
-            raise ValueError(
-                f"class_label={class_label} is out of range: this model has classes 0..{num_classes - 1}"
-            )
-        labels = torch.full((n,), int(class_label), dtype=torch.long)
-    elif num_classes is not None:
-        labels = torch.arange(n) * num_classes // n  # all classes, in blocks
-    else:
-        return {}, {}
-    return {"class_labels": labels.to(model.device)}, {"labels": labels.numpy()}
+        warn_if_truncated(model.text_encoder, prompt)
+        return {"prompts": [prompt] * n}
+    num_classes = model.num_classes
+    if class_label is None:
+        return {} if num_classes is None else {"labels": balanced_labels(n, num_classes)}
+    if num_classes is None:
+        raise ValueError("class_label given, but this model is not class-conditional")
+    class_label = number(class_label, "class_label", integer=True)
+    if not 0 <= class_label < num_classes:
+        raise ValueError(
+            f"class_label={class_label} is out of range: this model has classes 0..{num_classes - 1}"
+        )
+    return {"labels": torch.full((n,), class_label, dtype=torch.long)}
 
 
 def warn_if_truncated(text_encoder, prompt: str) -> int:
@@ -226,33 +99,26 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
-    cond, record = build_condition(model, n=n, class_label=cfg.class_label, prompt=cfg.prompt)
+    draw = what_to_draw(model, n=n, class_label=cfg.class_label, prompt=cfg.prompt)
     guidance = guidance_options(cfg, model, device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    x_T = torch.randn((n, *model.sample_shape), generator=g, device=device)
-    chunks = []
-    for i in range(0, n, batch_size):
-        part = {k: v[i : i + batch_size] for k, v in cond.items()}
-        chunks.append(
-            model.sample(
-                sampler=sampler,
-                x_T=x_T[i : i + batch_size],
-                cond=part,
-                guidance_scale=guidance_scale if part or guidance["guide"] is not None else 1.0,
-                generator=g,
-                progress=True,
-                **guidance,
-            ).cpu()
+    images = to_uint8(
+        generate_all(
+            model,
+            sampler=sampler,
+            num_samples=n,
+            seed=seed,
+            batch_size=batch_size,
+            guidance_scale=guidance_scale,
+            guidance_opts=guidance,
+            progress=True,
+            **draw,
         )
-    images = to_uint8(torch.cat(chunks))
-    nrow = cfg.nrow or (
-        n // model.num_classes
-        if "labels" in record and cfg.class_label is None and n >= model.num_classes
-        else max(1, int(math.sqrt(n)))
     )
+    classes = "labels" in draw and cfg.class_label is None and n >= model.num_classes
+    nrow = cfg.nrow or (model.num_classes if classes else max(1, int(math.sqrt(n))))
     save_grid(images, out / "grid.png", nrow=nrow)
     with writing(out / "samples.npz", "samples file"):  # a full disk: one line, "disk full"
-        np.savez_compressed(out / "samples.npz", images=images, **record)
+        np.savez_compressed(out / "samples.npz", images=images, **{k: np.asarray(v) for k, v in draw.items()})
     info = {
         "ckpt": str(cfg.ckpt),
         "sampler": sampler.name,

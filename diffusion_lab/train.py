@@ -31,6 +31,7 @@ from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
 from diffusion_lab.callbacks.progress import StepProgressBar
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
+from diffusion_lab.checkpoints import check_resume
 from diffusion_lab.console import print_config_tree, quiet
 from diffusion_lab.run_folder import (
     AlreadyFinished,
@@ -43,7 +44,6 @@ from diffusion_lab.run_folder import (
 from diffusion_lab.validation import (
     check_config,
     check_model_fits_data,
-    check_resume,
     ensure_writable_dir,
     exit_on_user_error,
 )

@@ -1,4 +1,4 @@
-"""Checks that turn bad input into one-line causes: config values vs constructor types, resume compatibility."""
+"""Checks that turn bad input into one-line causes: config values vs constructor types, model vs data, CLI errors."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from diffusion_lab.callbacks.checkpoint import CheckpointError, read_checkpoint_lazily
 from diffusion_lab.nets.base import DenoisingNet
 
 log = logging.getLogger(__name__)
@@ -155,75 +154,6 @@ def check_config(config: Mapping[str, Any]) -> None:
     errors = config_errors(config)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
-
-
-# ------------------------------------------------------------------------------------- checkpoints
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b.c": leaf} of nested dicts (lists are leaves)."""
-    if not isinstance(node, Mapping):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], *, prefix: str = "") -> list[str]:
-    """`key: checkpoint X vs now Y` for every leaf that differs (missing on one side: `<absent>`)."""
-    a, b = flatten(saved, prefix), flatten(current, prefix)
-    absent = "<absent>"
-    return [
-        f"{k}: checkpoint {a.get(k, absent)!r} vs now {b.get(k, absent)!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k, absent) != b.get(k, absent)
-    ]
-
-
-def state_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Short description of how a state_dict differs from a module's (shapes, missing, unexpected keys)."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    parts = []
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es), e.g. " + "; ".join(shapes[:3]))
-    if missing:
-        parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
-    return parts
-
-
-def check_resume(
-    path: str | os.PathLike,
-    *,
-    model: torch.nn.Module,
-    model_config: Mapping[str, Any] | None = None,
-    strict_keys: tuple[str, ...] = ("image_size",),
-) -> list[str]:
-    """Fail (CheckpointError, one line) when a checkpoint cannot resume `model`, listing the differing config keys.
-
-    It cannot when the weights do not fit (names, shapes) or when a config key named in `strict_keys` (the data
-    shape) differs. Reads the file memory-mapped (tensors are not loaded). Returns the model config keys that
-    differ although resuming works (a longer LR schedule, another learning rate), for the caller to report."""
-    ckpt = read_checkpoint_lazily(path)
-    saved = ((ckpt.get("diffusion_lab") or {}).get("config") or {}).get("model")
-    diffs = config_diff(saved, model_config, prefix="model") if saved is not None and model_config else []
-    state = ckpt.get("current_model_state") or ckpt.get("state_dict") or {}
-    mismatch = state_mismatch(model.state_dict(), state)
-    strict = [d for d in diffs if d.split(":")[0].rsplit(".", 1)[-1] in strict_keys]
-    if mismatch or strict:
-        why = "; ".join(diffs[:8]) + (f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
-        raise CheckpointError(
-            f"cannot resume from {path}: it was trained with a different model or data shape"
-            + (f" — config differs: {why}" if diffs else " (it records no model config to compare)")
-            + (" — weights: " + " | ".join(mismatch) if mismatch else "")
-        )
-    return diffs
 
 
 # ------------------------------------------------------------------------------------- model vs data

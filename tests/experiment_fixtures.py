@@ -17,7 +17,8 @@ def tiny_autoencoder_ckpt(path: Path, *, in_channels: int = 3, channel_mult=(1, 
     """A random stage-1 checkpoint (f = 2^(levels - 1), 4 latent channels, scale factor 0.5) at `path`."""
     import torch
 
-    from diffusion_lab.nets.autoencoder import AutoencoderKL, autoencoder_checkpoint_block
+    from diffusion_lab.checkpoints import autoencoder_checkpoint_block
+    from diffusion_lab.nets.autoencoder import AutoencoderKL
 
     torch.manual_seed(0)
     net = AutoencoderKL(
@@ -40,6 +41,16 @@ def _ldm_text(tmp_path: Path) -> list[str]:
 
 
 def overrides_for(experiment: str, tmp_path: Path) -> list[str]:
+    if experiment in ("fashion_mnist", "ablation_formulation"):  # Fashion-MNIST at 8 px, a tiny net
+        accuracy = ["callbacks.class_accuracy.num_per_class=1", "callbacks.class_accuracy.sampler.steps=2"]
+        return [
+            *SMALL_NET,
+            "model.net.attention_levels=[1]",
+            "data.image_size=8",
+            "sampler.steps=2",
+            "callbacks.image_logger.num_samples=10",
+            *(accuracy if experiment == "fashion_mnist" else []),
+        ]
     if experiment == "quickstart" or experiment.startswith("ablation_"):  # ablations: the quickstart, swept
         return [
             *SMALL_NET,

@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_lab.checkpoints import load_autoencoder
 from diffusion_lab.metrics.image_quality import psnr, ssim
-from diffusion_lab.nets.autoencoder import AutoencoderKL, DiagonalGaussian, load_autoencoder
+from diffusion_lab.nets.autoencoder import AutoencoderKL, DiagonalGaussian
 from diffusion_lab.nets.discriminator import NLayerDiscriminator, hinge_d_loss
 from diffusion_lab.systems.autoencoder import AutoencoderSystem, adaptive_weight, save_reconstruction_grid
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from diffusion_lab.nets.autoencoder import AutoencoderKL, load_autoencoder
+from diffusion_lab.checkpoints import load_autoencoder
+from diffusion_lab.nets.autoencoder import AutoencoderKL
 
 from conftest import compose
 

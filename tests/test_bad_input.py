@@ -17,7 +17,7 @@ from hydra import initialize_config_dir
 from hydra.errors import InstantiationException
 from PIL import Image
 
-from diffusion_lab.callbacks.checkpoint import CheckpointError
+from diffusion_lab.checkpoints import CheckpointError
 from diffusion_lab.data.base import CorruptImageError, DatasetNotFoundError
 from diffusion_lab.data.folder import ImageFolderDataModule
 from diffusion_lab.sample import sample
@@ -353,11 +353,12 @@ def test_a_checkpoint_with_changed_bytes_is_refused_by_sample(checkpoints, tmp_p
 
 
 def test_a_prompt_longer_than_the_context_warns_how_many_tokens_were_dropped(caplog):
+    from diffusion_lab.data.captions import caption_words
     from diffusion_lab.nets.text import TransformerTextEncoder, WordTokenizer
     from diffusion_lab.sample import warn_if_truncated
 
     encoder = TransformerTextEncoder(
-        tokenizer=WordTokenizer(vocabulary="shapes", max_length=6), dim=8, depth=1, num_heads=2
+        tokenizer=WordTokenizer(vocabulary=caption_words("shapes"), max_length=6), dim=8, depth=1, num_heads=2
     )
     assert warn_if_truncated(encoder, "a red square") == 0 and not caplog.records
     assert warn_if_truncated(encoder, "a big red square at the top left") == 4  # 8 words + BOS, EOS in 6

@@ -10,10 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import sdpa_backward_flop_count
 
-pytest.importorskip("diffusers")
-
-from diffusion_lab import bench  # noqa: E402
-from diffusion_lab.nets.unet import UNet  # noqa: E402
+from diffusion_lab import bench
+from diffusion_lab.nets.unet import UNet
 
 
 def _layers(net: nn.Module) -> Counter:
@@ -23,6 +21,7 @@ def _layers(net: nn.Module) -> Counter:
 @pytest.mark.parametrize("preset", ["quickstart", "cifar", "tiny"])
 def test_diffusers_twin_matches_our_unet(preset):
     """Same convolutions and norms, layer for layer, and parameter counts within 0.5% (attention biases)."""
+    pytest.importorskip("diffusers")  # the twin's library: a test oracle only (the dev extra)
     kw = bench.PRESETS[preset].net
     ours, twin = UNet(**kw), bench.diffusers_twin(kw)
     assert _layers(ours) == _layers(twin)
@@ -43,6 +42,7 @@ def test_activation_bytes_counts_saved_tensors():
 
 
 def test_bench_writes_json_and_table(tmp_path):
+    pytest.importorskip("diffusers")
     out = tmp_path / "bench.json"
     result = bench.main(
         ["--preset", "tiny", "tiny_dit", "--repeats", "2", "--warmup", "1", "--out", str(out)]

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from diffusion_lab.data.captions import caption_words
 from diffusion_lab.data.shapes import ShapesDataModule
+from diffusion_lab.nets.classifier import ConvImageEncoder
 from diffusion_lab.nets.text import TransformerTextEncoder, WordTokenizer
 from diffusion_lab.systems.contrastive import (
     ContrastiveSystem,
-    ConvImageEncoder,
     caption_to_image_retrieval,
     info_nce,
 )
@@ -54,7 +55,7 @@ def test_retrieval_top_k_by_item_and_by_attributes():
 
 def test_tiny_contrastive_run_logs_retrieval_and_seeds_an_encoder(tmp_path):
     torch.manual_seed(0)
-    tok = WordTokenizer(vocabulary="shapes", max_length=16)
+    tok = WordTokenizer(vocabulary=caption_words("shapes"), max_length=16)
     system = ContrastiveSystem(
         text_encoder=TransformerTextEncoder(tokenizer=tok, dim=16, depth=1, num_heads=2),
         image_encoder=ConvImageEncoder(image_size=32, base_channels=8, out_dim=16),

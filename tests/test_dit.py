@@ -173,7 +173,7 @@ def test_float_noise_levels_classes_null_class_and_masked_context():
 
 def test_every_net_config_builds_a_denoising_net_and_systems_refuse_others():
     nets = sorted(Path(CONF_DIR, "model", "net").glob("*.yaml"))
-    assert {"unet", "unet_small", "dit_tiny", "dit_s"} <= {p.stem for p in nets}
+    assert {"unet", "unet_small", "unet_fashion", "dit_tiny", "dit_s"} <= {p.stem for p in nets}
     from diffusion_lab.validation import locate
 
     for path in nets:
@@ -188,21 +188,23 @@ def test_every_net_config_builds_a_denoising_net_and_systems_refuse_others():
 
 
 def test_an_experiments_unet_setting_under_a_dit_says_how_to_drop_it():
+    """experiment=fashion_mnist keeps its UNet in model/net=unet_fashion, so model/net=dit_tiny swaps it whole (the
+    design's sweep `-m experiment=fashion_mnist model/net=unet_fashion,dit_tiny`); a UNet argument set on top of a
+    DiT is one line that says how to drop it."""
     from omegaconf import OmegaConf
 
     from diffusion_lab.validation import config_errors
 
-    cfg = compose("train", ["experiment=fashion_mnist", "model/net=dit_tiny"], Path("unused"))
-    errors = config_errors(OmegaConf.to_container(cfg.model.net, resolve=True), "model.net")
-    assert errors == [
+    def errors(overrides):
+        cfg = compose("train", ["experiment=fashion_mnist", *overrides], Path("unused"))
+        return config_errors(OmegaConf.to_container(cfg.model.net, resolve=True), "model.net")
+
+    assert errors(["model/net=dit_tiny"]) == [] == errors([])
+    assert errors(["model/net=dit_tiny", "+model.net.attention_levels=[2]"]) == [
         "model.net.attention_levels is not an argument of DiT (it takes: context_dim, depth, frequency_dim, "
         "hidden_size, in_channels, mlp_ratio, num_classes, num_heads, out_channels, patch_size; a config setting "
         "it for another net is undone by '~model.net.attention_levels')"
     ]
-    fixed = compose(
-        "train", ["experiment=fashion_mnist", "model/net=dit_tiny", "~model.net.attention_levels"], Path("x")
-    )
-    assert config_errors(OmegaConf.to_container(fixed.model.net, resolve=True), "model.net") == []
 
 
 DIT_TINY = [
@@ -227,8 +229,8 @@ DIT_TINY = [
 
 @pytest.mark.parametrize("formulation", ["ddpm", "edm", "flow"])
 def test_dit_trains_and_samples_with_every_formulation(formulation, tmp_path):
+    from diffusion_lab.checkpoints import load_system
     from diffusion_lab.diffusion import get_sampler
-    from diffusion_lab.sample import load_system
     from diffusion_lab.train import train
 
     summary = train(compose("train", [*DIT_TINY, f"formulation={formulation}"], tmp_path / "run"))
@@ -241,7 +243,7 @@ def test_dit_trains_and_samples_with_every_formulation(formulation, tmp_path):
 
 def test_dit_on_latents_with_text(tmp_path):
     """experiment=shapes_ldm_text with model/net=dit_tiny: cross-attention to the caption tokens, on 8x8x4 latents."""
-    from diffusion_lab.sample import load_system
+    from diffusion_lab.checkpoints import load_system
     from diffusion_lab.train import train
 
     from experiment_fixtures import TINY_SHAPES, TINY_TEXT, tiny_autoencoder_ckpt
@@ -262,6 +264,6 @@ def test_dit_on_latents_with_text(tmp_path):
     assert model.net.blocks[0].cross_attn is not None
     from diffusion_lab.diffusion import get_sampler
 
-    cond = model.encode_prompts(["a red circle", "a large blue square"])
+    cond = model.condition(prompts=["a red circle", "a large blue square"])
     images = model.sample(sampler=get_sampler("ddim", steps=2), num_samples=2, cond=cond, guidance_scale=3.0)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

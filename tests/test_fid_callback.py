@@ -15,9 +15,10 @@ from torch import nn
 from diffusion_lab.callbacks.fid import FID
 from diffusion_lab.data.digits import DigitsDataModule
 from diffusion_lab.diffusion import get_sampler
+from diffusion_lab.diffusion.utils import randn_like
+from diffusion_lab.generate import balanced_labels, generate, iter_chunks
 from diffusion_lab.metrics.features import RandomConvFeatures, extract_all
 from diffusion_lab.metrics.fid import fid_from_features
-from diffusion_lab.metrics.generate import balanced_labels, generate, iter_chunks
 from diffusion_lab.train import train
 
 from conftest import TINY, compose
@@ -32,7 +33,7 @@ def _one_thread():
 
 
 def test_fid_logged_during_training_matches_recomputation(tmp_path):
-    from diffusion_lab.sample import load_system
+    from diffusion_lab.checkpoints import load_system
 
     cb = FID(
         feature=RandomConvFeatures(in_channels=1, width=4),
@@ -126,8 +127,11 @@ class _ToyModel(nn.Module):
     def device(self):
         return torch.device("cpu")
 
+    def condition(self, *, labels, prompts):
+        return {}
+
     def sample(self, *, sampler, x_T, cond, guidance_scale, generator, progress):
-        return (torch.tanh(x_T / 2) + 0.3 * torch.randn(x_T.shape, generator=generator)).clamp(-1, 1)
+        return (torch.tanh(x_T / 2) + 0.3 * randn_like(x_T, generator)).clamp(-1, 1)
 
 
 def _fid_on_rank(rank: int, world_size: int, tmp: str) -> tuple[float, int]:

@@ -466,6 +466,61 @@ def test_every_registry_entry_has_its_yaml_and_back():
     assert {f.stem for f in (conf / "formulation").glob("*.yaml")} == {"ddpm", "edm", "flow"}
 
 
+def test_data_sets_text_encoders_and_feature_extractors_have_their_yaml_and_back(tmp_path, tiny_overrides):
+    """The same both ways for what is chosen by `_target_`: every data module (conf/data), text encoder
+    (conf/model/text_encoder) and registered FID feature extractor (conf/callbacks/fid*.yaml)."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    import diffusion_lab.data
+    from diffusion_lab.data.base import BaseDataModule
+    from diffusion_lab.metrics.features import FEATURE_EXTRACTORS
+    from diffusion_lab.nets.text import TextEncoder
+    from diffusion_lab.validation import locate
+
+    from conftest import compose
+
+    conf = Path(__file__).resolve().parents[1] / "diffusion_lab" / "conf"
+    for module in pkgutil.iter_modules(diffusion_lab.data.__path__):
+        importlib.import_module(f"diffusion_lab.data.{module.name}")
+
+    def ours(base: type) -> set[type]:  # the package's subclasses (not the tests' stand-ins)
+        found = {c for c in base.__subclasses__() if c.__module__.startswith("diffusion_lab.")}
+        return found.union(*(ours(c) for c in found))
+
+    def targets(pattern: str, *keys: str) -> set:
+        nodes = [OmegaConf.select(OmegaConf.load(f), ".".join(keys)) if keys else OmegaConf.load(f)
+                 for f in sorted(conf.glob(pattern))]  # fmt: skip
+        return {locate(node._target_) for node in nodes}
+
+    assert targets("data/*.yaml") == ours(BaseDataModule)
+    assert targets("model/text_encoder/*.yaml") == ours(TextEncoder)
+    assert targets("callbacks/fid*.yaml", "fid", "feature") == {
+        FEATURE_EXTRACTORS.get(n) for n in FEATURE_EXTRACTORS
+    }
+    for name in ("fid", "fid_classifier", "fid_random"):  # each composes, sampling with the run's sampler
+        cfg = compose("train", [*tiny_overrides, f"callbacks=[default,{name}]"], tmp_path)
+        assert cfg.callbacks.fid.sampler.name == cfg.sampler.name == "flow_euler"
+    assert instantiate(cfg.callbacks.fid).key == "fid_random"  # the one without weights also builds
+
+
+def test_callbacks_diffusion_takes_image_logger_steps(tmp_path, tiny_overrides):
+    """`callbacks=diffusion callbacks.image_logger.steps=25` composes (#17 indented its `steps: null`)."""
+    from hydra.utils import instantiate
+
+    from conftest import compose
+
+    over = [o for o in tiny_overrides if not o.startswith("callbacks.class_accuracy")]
+    cfg = compose("train", [*over, "callbacks=diffusion", "callbacks.image_logger.steps=25"], tmp_path)
+    assert "class_accuracy" not in cfg.callbacks and cfg.callbacks.image_logger.steps == 25
+    logger = instantiate(cfg.callbacks.image_logger)
+    assert (logger.sampler.name, logger.sampler.steps, logger.every_n_steps) == ("flow_euler", 25, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Guidance refinements
 
@@ -548,7 +603,7 @@ def test_autoguidance_is_guide_plus_scaled_difference():
 
 @pytest.mark.parametrize("formulation", ["edm", "flow"])
 def test_formulation_trains_and_samples_end_to_end(formulation, tmp_path, tiny_overrides):
-    from diffusion_lab.sample import load_system
+    from diffusion_lab.checkpoints import load_system
     from diffusion_lab.train import train
 
     from conftest import compose
@@ -581,7 +636,7 @@ def test_sample_cli_with_guidance_refinements_and_a_guide(tmp_path, tiny_overrid
 
     from conftest import compose
 
-    for name, extra in (("main", []), ("guide", ["trainer.max_steps=2"]), ("other", ["formulation=flow"])):
+    for name, extra in (("main", []), ("guide", ["trainer.max_steps=2"]), ("other", ["formulation=edm"])):
         train(compose("train", [*tiny_overrides, *extra], tmp_path / name))
     ckpt = {n: tmp_path / n / "checkpoints" / "last.ckpt" for n in ("main", "guide", "other")}
     run = [sys.executable, "-m", "diffusion_lab.sample", f"ckpt={ckpt['main']}", "n=4", "sampler.steps=3"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from diffusion_lab.data.captions import caption_words
 from diffusion_lab.data.latents import CachedLatentDataset, cache_file, encode_dataset, load_or_build_cache
 from diffusion_lab.data.shapes import ShapesDataModule
 from diffusion_lab.data.transforms import to_tensor
@@ -29,7 +30,10 @@ def _system(
 ) -> LatentDiffusionSystem:
     torch.manual_seed(0)
     text = TransformerTextEncoder(
-        tokenizer=WordTokenizer(vocabulary="shapes", max_length=12), dim=16, depth=1, num_heads=2
+        tokenizer=WordTokenizer(vocabulary=caption_words("shapes"), max_length=12),
+        dim=16,
+        depth=1,
+        num_heads=2,
     )
     net = UNet(
         in_channels=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
@@ -128,7 +132,7 @@ def test_caption_dropout_rate_is_the_configured_one(tmp_path):
     for p in (0.0, 0.3, 1.0):
         system = _system(ae_ckpt, cond_drop_prob=p)
         with torch.no_grad():
-            cond = system.encode_prompts(["a small red circle in the top left corner"] * n)
+            cond = system.condition(prompts=["a small red circle in the top left corner"] * n)
             null = system.null_condition(1)
             torch.manual_seed(0)
             dropped = system.drop_condition(cond)
@@ -146,8 +150,8 @@ def test_guidance_scale_one_is_the_conditional_prediction_and_cfg_is_batched_rig
     _perturb(system.net)
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([5, 50, 90])
     with torch.no_grad():
-        cond = system.encode_prompts(
-            ["a red circle", "a large blue square in the middle", "a tiny cyan triangle"]
+        cond = system.condition(
+            prompts=["a red circle", "a large blue square in the middle", "a tiny cyan triangle"]
         )
         uncond = system.null_condition(3)
         c, u = system.net(x, t, **cond), system.net(x, t, **uncond)
@@ -215,7 +219,8 @@ def test_text_to_image_run_samples_from_its_checkpoint_alone(tmp_path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from diffusion_lab.sample import load_system, sample
+    from diffusion_lab.checkpoints import load_system
+    from diffusion_lab.sample import sample
     from diffusion_lab.train import train
 
     from conftest import CONF_DIR
@@ -267,7 +272,7 @@ def test_text_to_image_run_samples_from_its_checkpoint_alone(tmp_path):
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(2, *model.sample_shape, generator=g)
     a = model.sample(sampler=get_sampler("ddim", steps=2, clip_x0=True), x_T=x_T)  # no clipping of latents
-    b = model.sample(sampler=get_sampler("ddim", steps=2), x_T=x_T, cond=model.encode_prompts(["", ""]))
+    b = model.sample(sampler=get_sampler("ddim", steps=2), x_T=x_T, cond=model.condition(prompts=["", ""]))
     torch.testing.assert_close(a, b)
 
 

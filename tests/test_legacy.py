@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_lab.checkpoints import load_system
 from diffusion_lab.diffusion import get_sampler
-from diffusion_lab.sample import load_system
 
 DATA = Path(__file__).parent / "data" / "legacy"
 REFERENCE = np.load(DATA / "reference_samples.npz")

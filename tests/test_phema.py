@@ -206,8 +206,8 @@ def test_reconstructing_a_tracked_profile_matches_it(phema_run, tmp_path):
 
 
 def test_cli_writes_checkpoints_that_sample_and_the_rest_comes_from_the_template(phema_run, tmp_path):
+    from diffusion_lab.checkpoints import load_system
     from diffusion_lab.diffusion import get_sampler
-    from diffusion_lab.sample import load_system
 
     ckpt_dir = phema_run / "checkpoints"
     cmd = [

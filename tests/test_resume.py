@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.callbacks import Callback
 
-from diffusion_lab.callbacks.checkpoint import CheckpointError
+from diffusion_lab.checkpoints import CheckpointError
 from diffusion_lab.train import train
 
 from conftest import TINY, compose

@@ -271,7 +271,7 @@ def test_ema_averages_from_the_first_step_with_a_warmup(tmp_path):
 
 
 def test_sampling_a_checkpoint_whose_ema_never_began_uses_the_raw_weights(tmp_path, caplog):
-    from diffusion_lab.sample import load_system
+    from diffusion_lab.checkpoints import load_system
 
     over = [*TINY, "trainer.max_steps=2", "callbacks.class_accuracy=null", "callbacks.image_logger=null"]
     train(compose("train", over, tmp_path / "run"))

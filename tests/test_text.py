@@ -10,6 +10,7 @@ from diffusion_lab.data.captions import (
     CELEBA_ATTRIBUTES,
     CELEBA_VOCABULARY,
     SHAPES_VOCABULARY,
+    caption_words,
     compose_caption,
     label_caption,
 )
@@ -20,7 +21,6 @@ from diffusion_lab.nets.text import (
     TextEncoder,
     TransformerTextEncoder,
     WordTokenizer,
-    caption_words,
 )
 
 
@@ -36,7 +36,7 @@ def _captions(n: int = 200) -> list[str]:
 
 
 def test_word_tokenizer_round_trips_every_caption_without_unknown_words():
-    tok = WordTokenizer(vocabulary="all", max_length=64)
+    tok = WordTokenizer(vocabulary=caption_words("all"), max_length=64)
     captions = _captions()
     ids, mask = tok(captions)
     assert (ids[mask] != tok.unk_id).all()  # the vocabulary covers what the caption machinery says
@@ -52,7 +52,7 @@ def test_byte_tokenizer_round_trips_any_text():
 
 
 @pytest.mark.parametrize(
-    "tok", [WordTokenizer(vocabulary="shapes", max_length=8), ByteTokenizer(max_length=8)]
+    "tok", [WordTokenizer(vocabulary=caption_words("shapes"), max_length=8), ByteTokenizer(max_length=8)]
 )
 def test_bos_eos_padding_mask_and_truncation(tok):
     ids, mask = tok(["a red circle", "", "a small red circle in the top left corner"])
@@ -69,7 +69,7 @@ def test_bos_eos_padding_mask_and_truncation(tok):
 
 def _encoder(**kw) -> TransformerTextEncoder:
     torch.manual_seed(0)
-    tok = WordTokenizer(vocabulary="shapes", max_length=12)
+    tok = WordTokenizer(vocabulary=caption_words("shapes"), max_length=12)
     return TransformerTextEncoder(tokenizer=tok, dim=16, depth=2, num_heads=2, **kw)
 
 

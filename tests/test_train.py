@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
-from diffusion_lab.sample import CheckpointError, load_system
+from diffusion_lab.checkpoints import CheckpointError, load_system
 from diffusion_lab.train import train
 
 from conftest import CONF_DIR, TINY, compose
@@ -34,7 +34,8 @@ def test_tiny_train_then_sample(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert "current_model_state" in ckpt and "diffusion_lab" in ckpt
     model, config = load_system(run / "checkpoints" / "last.ckpt")
-    assert config["model"]["prediction_type"] == "eps"
+    # the default formulation: flow since #14 measured it best (README, "Formulations"); eps before
+    assert config["model"]["prediction_type"] == "flow"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ckpt["state_dict"][k])
 

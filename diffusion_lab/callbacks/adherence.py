@@ -6,14 +6,13 @@ from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
-from diffusion_lab.callbacks.ema import averaged_module
+from diffusion_lab.callbacks.sampling import PeriodicSampling
 from diffusion_lab.metrics.adherence import format_table, prompt_adherence
 
 
-class PromptAdherence(Callback):
+class PromptAdherence(PeriodicSampling):
     """Writes `prompt_adherence` {scale: {colour, shape, size, position, all}} into the run summary and logger."""
 
     def __init__(
@@ -25,20 +24,13 @@ class PromptAdherence(Callback):
         num_per_prompt: int = 4,
         seed: int = 1234,
     ) -> None:
-        super().__init__()
-        self.sampler = sampler
+        super().__init__(sampler=sampler, seed=seed)
         self.guidance_scales = [float(s) for s in guidance_scales]
         self.num_prompts = num_prompts
         self.num_per_prompt = num_per_prompt
-        self.seed = seed
         self.summary: dict = {}
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
-
-    @rank_zero_only
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        model = averaged_module(trainer, pl_module)
+    def measure(self, trainer: L.Trainer, model: L.LightningModule) -> dict[str, float]:
         results = prompt_adherence(
             model,
             sampler=self.sampler,
@@ -46,6 +38,7 @@ class PromptAdherence(Callback):
             num_prompts=self.num_prompts,
             num_per_prompt=self.num_per_prompt,
             seed=self.seed,
+            batch_size=self.batch_size,
         )
         rank_zero_info(
             "prompt adherence (share of samples whose detected attribute matches the prompt):\n"
@@ -55,7 +48,4 @@ class PromptAdherence(Callback):
             "prompt_adherence": results,
             "prompt_adherence_sampler": getattr(self.sampler, "name", ""),
         }
-        metrics = {f"eval/adherence_{k}@{s}": v for s, row in results.items() for k, v in row.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        return self.summary
+        return {f"eval/adherence_{k}@{s}": v for s, row in results.items() for k, v in row.items()}

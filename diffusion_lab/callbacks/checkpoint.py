@@ -20,13 +20,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
 from diffusion_lab.files import (
-    CorruptFileError,
     HashingWriter,
     checksum_path,
     describe_write_error,
     readable_by_default,
-    verify_checksum,
     write_checksum,
 )
 
@@ -35,10 +34,6 @@ log = logging.getLogger(__name__)
 TEMP_SUFFIX = ".partial"
 _PROCESS_START = time.time()
 WEIGHT_KEYS = ("state_dict", "current_model_state")  # EMAWeightAveraging keeps the raw weights in the second
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used or written: missing, truncated, not ours, not matching the model."""
 
 
 def _temp_prefix(path: Path) -> str:
@@ -94,14 +89,6 @@ def atomic_save(
     _fsync_dir(path.parent)
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """CheckpointError when `path` does not match the checksum written beside it (old files without one pass)."""
-    try:
-        verify_checksum(path)
-    except CorruptFileError as e:
-        raise CheckpointError(f"checkpoint {e}") from e
-
-
 def remove_stale_temp_files(
     directory: str | os.PathLike, *, older_than: float = _PROCESS_START
 ) -> list[Path]:
@@ -132,27 +119,6 @@ def nonfinite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad.append(f"{key}.{name}")
     return bad
-
-
-def read_checkpoint_lazily(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint dict with memory-mapped tensors (cheap for metadata, config and shapes); CheckpointError if
-    missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    verify_checkpoint(path)
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError as e:  # mmap needs the zip format (torch >= 1.6); an older file is read whole
-            if "mmap" not in str(e):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} is not a training checkpoint (it holds a {type(ckpt).__name__})")
-    return ckpt
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -197,15 +163,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None):
         if not _is_local_file_protocol(str(path)):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        if not Path(path).is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        verify_checkpoint(path)
-        try:
-            return super().load_checkpoint(
-                path, map_location=map_location or (lambda storage, loc: storage), weights_only=weights_only
-            )
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        return read_checkpoint(path, map_location=map_location or (lambda storage, loc: storage))
 
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)

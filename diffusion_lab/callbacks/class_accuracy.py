@@ -6,11 +6,10 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from diffusion_lab.callbacks.ema import averaged_module
+from diffusion_lab.callbacks.sampling import PeriodicSampling
 from diffusion_lab.metrics.conditional import class_accuracy, fit_pixel_classifier, per_class_accuracy
 
 
@@ -19,7 +18,7 @@ def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
 
 
-class ClassAccuracy(Callback):
+class ClassAccuracy(PeriodicSampling):
     """Logs `class_accuracy` (and the classifier's own accuracy on real validation images)."""
 
     def __init__(
@@ -30,20 +29,13 @@ class ClassAccuracy(Callback):
         guidance_scale: float = 3.0,
         seed: int = 1234,
     ) -> None:
-        super().__init__()
-        self.sampler = sampler
+        super().__init__(sampler=sampler, guidance_scale=guidance_scale, seed=seed)
         self.num_per_class = num_per_class
-        self.guidance_scale = guidance_scale
-        self.seed = seed
         self.summary: dict = {}
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
-
-    @rank_zero_only
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    def measure(self, trainer: L.Trainer, model: L.LightningModule) -> dict[str, float]:
         dm = trainer.datamodule
-        if getattr(pl_module, "num_classes", None) is None:
+        if model.num_classes is None:
             rank_zero_warn("ClassAccuracy skipped: the model is not class-conditional")
             return {}
         if dm is None or getattr(dm, "test_set", None) is None or getattr(dm, "val_set", None) is None:
@@ -53,26 +45,14 @@ class ClassAccuracy(Callback):
         x_fit, y_fit = _stack(dm.test_set)
         x_val, y_val = _stack(dm.val_set)
         clf = fit_pixel_classifier(x_fit, y_fit)
-        model = averaged_module(trainer, pl_module)
         k = model.num_classes
-        labels = torch.arange(k).repeat_interleave(self.num_per_class).to(model.device)
-        g = torch.Generator(device=model.device).manual_seed(self.seed)
-        images = model.sample(
-            sampler=self.sampler,
-            num_samples=len(labels),
-            cond={"class_labels": labels},
-            guidance_scale=self.guidance_scale,
-            generator=g,
-            progress=True,
-        )
+        labels = torch.arange(k).repeat_interleave(self.num_per_class)
+        images = self.draw(model, num_samples=len(labels), labels=labels)
         self.summary = {
-            "class_accuracy": class_accuracy(clf, images, labels.cpu()),
-            "class_accuracy_per_class": per_class_accuracy(clf, images, labels.cpu(), k),
+            "class_accuracy": class_accuracy(clf, images, labels),
+            "class_accuracy_per_class": per_class_accuracy(clf, images, labels, k),
             "classifier_real_accuracy": class_accuracy(clf, x_val, y_val),
             "class_accuracy_guidance_scale": self.guidance_scale,
             "class_accuracy_sampler": getattr(self.sampler, "name", str(self.sampler)),
         }
-        metrics = {f"eval/{key}": v for key, v in self.summary.items() if isinstance(v, float)}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        return self.summary
+        return {f"eval/{key}": v for key, v in self.summary.items() if isinstance(v, float)}

@@ -7,19 +7,18 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from diffusion_lab.callbacks.ema import averaged_module
+from diffusion_lab.callbacks.sampling import PeriodicSampling
+from diffusion_lab.generate import balanced_labels
 from diffusion_lab.metrics.features import FeatureExtractor
 from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid_metric, set_real_features
-from diffusion_lab.metrics.generate import balanced_labels, generate
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-class FID(Callback):
+class FID(PeriodicSampling):
     """Logs `eval/fid_<extractor>` (e.g. `eval/fid_classifier`, `eval/fid_inception`) every `every_n_steps`.
 
     Samples `num_samples` images from the EMA weights (`averaged_module`) with fixed seeds (class models:
@@ -28,6 +27,8 @@ class FID(Callback):
     module's `split` (first `num_real` images, all by default) are computed once and cached in `cache_dir`
     (default `$DIFFUSION_LAB_CACHE/fid` or `~/.cache/diffusion_lab/fid`); only rank 0 reads or writes them.
     """
+
+    all_ranks = True  # the FID sync is a collective
 
     def __init__(
         self,
@@ -44,37 +45,26 @@ class FID(Callback):
         cache_dir: str | None = None,
         on_train_end: bool = True,
     ) -> None:
-        super().__init__()
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        super().__init__(
+            sampler=sampler,
+            every_n_steps=every_n_steps,
+            on_train_end=on_train_end,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            batch_size=batch_size,
+        )
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {num_samples}")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
         self.feature = feature
-        self.sampler = sampler
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.guidance_scale = guidance_scale
-        self.seed = seed
         self.split = split
         self.num_real = num_real
         self.cache = RealFeatureCache(cache_dir)
-        self.log_on_train_end = on_train_end
         self.key = f"fid_{feature.name}"
         self.history: list[tuple[int, float]] = []
         self._metric = None
-        self._last_step = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.log_on_train_end and trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)
 
     def _real_dataset(self, trainer: L.Trainer):
         dm = trainer.datamodule
@@ -111,37 +101,25 @@ class FID(Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Run on every rank (the FID sync is a collective); returns the FID (same on all ranks)."""
-        self._last_step = trainer.global_step
-        model = averaged_module(trainer, pl_module)
+        return super().evaluate(trainer, pl_module)[f"eval/{self.key}"]
+
+    def measure(self, trainer: L.Trainer, model: L.LightningModule) -> dict[str, float]:
         if self._metric is None:
             self._setup_metric(trainer, model.device)
         metric = self._metric.to(model.device)
         metric.reset()  # fake statistics only (reset_real_features=False)
-        k = getattr(model, "num_classes", None)
+        k = model.num_classes
         labels = balanced_labels(self.num_samples, k) if k is not None else None
-        for _, _, images in generate(
-            model,
-            sampler=self.sampler,
-            num_samples=self.num_samples,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            guidance_scale=self.guidance_scale,
-            labels=labels,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            progress=trainer.is_global_zero,
-        ):
+        for _, _, images in self.draw(model, num_samples=self.num_samples, labels=labels, trainer=trainer):
             metric.update(images, real=False)
         value = float(metric.compute())
         self.history.append((trainer.global_step, value))
         trainer.callback_metrics[f"eval/{self.key}"] = torch.tensor(value)
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({f"eval/{self.key}": value}, step=trainer.global_step)
             log.info("step %d: %s = %.4f", trainer.global_step, self.key, value)
         if value != value:  # NaN
             rank_zero_warn(f"{self.key} is NaN at step {trainer.global_step}")
-        return value
+        return {f"eval/{self.key}": value}
 
     @property
     def summary(self) -> dict:

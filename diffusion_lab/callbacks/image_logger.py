@@ -9,19 +9,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 
-from diffusion_lab.callbacks.ema import averaged_module
+from diffusion_lab.callbacks.sampling import PeriodicSampling
 from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.images import log_image, save_grid
 
 
-class ImageLogger(Callback):
-    """Writes `<run>/samples/step_XXXXXX.png` (and to the logger). Class models: row k = class k.
-
-    Text models: row k = `prompts[k]` (default: the first 8 validation captions), listed in `step_XXXXXX.txt`.
-    """
+class ImageLogger(PeriodicSampling):
+    """Writes `<run>/samples/step_XXXXXX.png` (and to every logger that takes images). Class models: row k = class
+    k. Text models: row k = `prompts[k]` (default: the first 8 validation captions), listed in `step_XXXXXX.txt`.
+    `steps`: the run's sampler with fewer steps (cheaper previews)."""
 
     def __init__(
         self,
@@ -35,102 +32,45 @@ class ImageLogger(Callback):
         prompts: list[str] | None = None,
         steps: int | None = None,
     ) -> None:
-        super().__init__()
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if (
-            steps is not None
-        ):  # preview grids with fewer steps than the run's sampler (same sampler otherwise)
+        if steps is not None:
             if not isinstance(sampler, Sampler):
                 raise TypeError(
                     f"steps= needs a registered sampler (get_sampler), got {type(sampler).__name__}"
                 )
             sampler = dataclasses.replace(sampler, steps=steps)
-        self.sampler = sampler
-        self.every_n_steps = every_n_steps
+        super().__init__(
+            sampler=sampler,
+            every_n_steps=every_n_steps,
+            on_train_end=on_train_end,
+            guidance_scale=guidance_scale,
+            seed=seed,
+        )
         self.num_samples = num_samples
-        self.guidance_scale = guidance_scale
-        self.seed = seed
-        self.log_on_train_end = on_train_end
         self.prompts = list(prompts) if prompts else None
         self.paths: list[str] = []
-        self._last_step = -1
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.log_grid(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.log_on_train_end and trainer.global_step != self._last_step:
-            self.log_grid(trainer, pl_module)
-
-    @rank_zero_only
-    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        self._last_step = trainer.global_step
-        model = averaged_module(trainer, pl_module)
-        prompts = self.prompts
-        if prompts is None and getattr(model, "is_text_conditional", False):
-            prompts = default_prompts(trainer.datamodule)
-        images, nrow = sample_grid(
-            model,
-            sampler=self.sampler,
-            num_samples=self.num_samples,
-            guidance_scale=self.guidance_scale,
-            seed=self.seed,
-            prompts=prompts,
-            progress=True,
-        )
+    def measure(self, trainer: L.Trainer, model: L.LightningModule) -> dict[str, float]:
         path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}.png"
-        save_grid(images, path, nrow=nrow)
-        if prompts and getattr(model, "is_text_conditional", False):
+        if model.is_text_conditional:
+            prompts = self.prompts or default_prompts(trainer.datamodule)
+            per_row = max(1, self.num_samples // len(prompts))
+            draw = {"prompts": [p for p in prompts for _ in range(per_row)]}
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.with_suffix(".txt").write_text("".join(f"row {i}: {p}\n" for i, p in enumerate(prompts)))
+        elif model.num_classes is not None:
+            per_row = max(1, self.num_samples // model.num_classes)
+            draw = {"labels": torch.arange(model.num_classes).repeat_interleave(per_row)}
+        else:
+            per_row, draw = max(1, int(math.sqrt(self.num_samples))), {}
+        n = len(next(iter(draw.values()))) if draw else self.num_samples
+        save_grid(self.draw(model, num_samples=n, **draw), path, nrow=per_row)
         self.paths.append(str(path))
         log_image(trainer.loggers, "samples", path, step=trainer.global_step)
-        return path
+        return {}
 
     @property
     def summary(self) -> dict:
         return {"sample_grids": list(self.paths)}
-
-
-def sample_grid(
-    model,
-    *,
-    sampler: Callable[..., torch.Tensor],
-    num_samples: int,
-    guidance_scale: float,
-    seed: int,
-    class_labels: list[int] | None = None,
-    prompts: list[str] | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, int]:
-    """Fixed-seed samples for a grid: one row per prompt (text models) or per class, else a square grid."""
-    device = model.device
-    g = torch.Generator(device=device).manual_seed(seed)
-    cond = {}
-    if prompts and getattr(model, "is_text_conditional", False):
-        per_row = max(1, num_samples // len(prompts))
-        cond = model.encode_prompts([p for p in prompts for _ in range(per_row)])
-        n, nrow = len(prompts) * per_row, per_row
-    elif getattr(model, "num_classes", None) is not None:
-        k = model.num_classes
-        classes = list(range(k)) if class_labels is None else list(class_labels)
-        per_row = max(1, num_samples // len(classes))
-        labels = torch.tensor(classes, device=device).repeat_interleave(per_row)
-        cond = {"class_labels": labels}
-        n, nrow = len(labels), per_row
-    else:
-        n, nrow = num_samples, max(1, int(math.sqrt(num_samples)))
-    images = model.sample(
-        sampler=sampler,
-        num_samples=n,
-        cond=cond,
-        guidance_scale=guidance_scale,
-        generator=g,
-        progress=progress,
-    )
-    return images, nrow
 
 
 def default_prompts(datamodule, n: int = 8) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-CHECKPOINT_KEY = "diffusion_lab"
+from diffusion_lab.checkpoints import CHECKPOINT_KEY
 
 
 class RunConfig(Callback):

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from diffusion_lab.nets.text import split_words
+
 # ---------------------------------------------------------------------------------- generic core
 SLOTS = ("prefix", "adj", "subject", "with", "wearing", "where")
+_GLUE = ("a", "an", "with", "and", "wearing", ",")  # what compose_caption / label_caption add themselves
 
 
 @dataclass(frozen=True)
@@ -321,6 +326,62 @@ def label_caption(
 
 
 # ------------------------------------------------------------------------- per-item captioners
+@cache
+def caption_words(name: str) -> tuple[str, ...]:
+    """Every word the caption machinery can say for a data set family (enumerated from its vocabularies): the
+    vocabulary of `nets.text.WordTokenizer` for "shapes", "celeba", "labels" (class-label captions) or "all"."""
+
+    def words_of(vocab: Vocabulary, attribute_sets: Iterable[Mapping]) -> set[str]:
+        out = set(_GLUE)
+        for text in vocab.prefixes:
+            out.update(split_words(text))
+        for attributes in attribute_sets:
+            for phrase in vocab.phrases(attributes):
+                for text in phrase.options:
+                    out.update(split_words(text))
+        return out
+
+    if name == "shapes":
+        from diffusion_lab.data.shapes import ATTRIBUTES
+
+        combos = (dict(zip(ATTRIBUTES, c)) for c in itertools.product(*ATTRIBUTES.values()))
+        return tuple(sorted(words_of(SHAPES_VOCABULARY, combos)))
+    if name == "celeba":
+        hair = [
+            a for a in CELEBA_ATTRIBUTES if a.endswith("_Hair") and a not in ("Wavy_Hair", "Straight_Hair")
+        ]
+        sets = []
+        for male, young, bald, no_beard, colour, style, extras in itertools.product(
+            (0, 1), (0, 1), (0, 1), (0, 1), hair, ("Wavy_Hair", "Straight_Hair", None), (0, 1)
+        ):
+            a = dict.fromkeys(CELEBA_ATTRIBUTES, 1)
+            a.update(dict.fromkeys(hair + ["Wavy_Hair", "Straight_Hair"], 0))
+            a.update(Male=male, Young=young, Bald=bald, No_Beard=no_beard, **{colour: 1})
+            if style:
+                a[style] = 1
+            if not extras:
+                a.update(Goatee=0, Mustache=0, Sideburns=0, **{"5_o_Clock_Shadow": 0})
+            sets.append(a)
+        return tuple(sorted(words_of(CELEBA_VOCABULARY, sets)))
+    if name == "labels":
+        from diffusion_lab.data.cifar import CIFAR10DataModule
+        from diffusion_lab.data.digits import DIGIT_NAMES
+        from diffusion_lab.data.mnist import FASHION_MNIST_CLASSES
+
+        out = set(_GLUE)
+        for template in itertools.chain(*LABEL_TEMPLATES.values()):
+            out.update(split_words(template.replace("{a}", "").replace("{name}", "")))
+        for name_ in [*DIGIT_NAMES, *FASHION_MNIST_CLASSES, *CIFAR10DataModule.class_names]:
+            out.update(split_words(name_.replace("_", " ")))
+        for synonyms in LABEL_SYNONYMS.values():
+            for text in synonyms:
+                out.update(split_words(text))
+        return tuple(sorted(out))
+    if name == "all":
+        return tuple(sorted(set().union(*(caption_words(n) for n in ("shapes", "celeba", "labels")))))
+    raise ValueError(f"unknown caption vocabulary {name!r}; valid: shapes, celeba, labels, all")
+
+
 class Captioner:
     """Captions of the items of one data set: fixed per (seed, item, k) for evaluation, random for training."""
 

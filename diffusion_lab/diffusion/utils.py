@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,12 @@ def check_options(
         )
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like ``x`` (float32), drawn on the generator's device, as diffusers does."""
+def randn_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """Standard normal noise shaped like ``x`` (float32), drawn on the generator's device, as diffusers does; a
+    list of generators draws row i from generator i (per-sample seeds: noise that does not depend on the batch)."""
+    if isinstance(generator, Sequence):
+        if len(generator) != len(x):
+            raise ValueError(f"{len(generator)} generators for a batch of {len(x)}")
+        return torch.cat([randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)

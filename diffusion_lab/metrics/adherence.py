@@ -11,6 +11,7 @@ import torch
 
 from diffusion_lab.data.captions import SHAPES_VOCABULARY, compose_caption
 from diffusion_lab.data.shapes import ATTRIBUTES, detect_shapes, random_attributes
+from diffusion_lab.generate import generate_all
 
 
 def attribute_adherence(
@@ -45,25 +46,21 @@ def prompt_adherence(
 ) -> dict[str, dict[str, float]]:
     """{guidance scale: per-attribute adherence} of `num_per_prompt` samples of each of `num_prompts` prompts.
 
-    The same prompts and initial noise are used at every scale, so the scales are compared on equal terms.
+    The same prompts and seeds (hence initial noise) are used at every scale, so the scales are compared on equal
+    terms.
     """
     prompts, targets = shapes_prompts(num_prompts, seed=seed)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     targets = [t for t in targets for _ in range(num_per_prompt)]
-    out: dict[str, dict[str, float]] = {}
-    for scale in guidance_scales:
-        g = torch.Generator(device=model.device).manual_seed(seed)
-        x_T = torch.randn((len(prompts), *model.sample_shape), generator=g, device=model.device)
-        images = []
-        for i in range(0, len(prompts), batch_size):
-            cond = model.encode_prompts(prompts[i : i + batch_size])
-            images.append(
-                model.sample(
-                    sampler=sampler, x_T=x_T[i : i + batch_size], cond=cond, guidance_scale=scale, generator=g
-                ).cpu()
-            )
-        out[str(float(scale))] = attribute_adherence(detect_shapes(torch.cat(images)), targets)
-    return out
+    kwargs = dict(
+        sampler=sampler, num_samples=len(prompts), seed=seed, batch_size=batch_size, prompts=prompts
+    )
+    return {
+        str(float(scale)): attribute_adherence(
+            detect_shapes(generate_all(model, guidance_scale=scale, **kwargs)), targets
+        )
+        for scale in guidance_scales
+    }
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
@@ -77,8 +74,8 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """python -m diffusion_lab.metrics.adherence CKPT [--guidance 1 3 5] [--sampler NAME --steps K]."""
+    from diffusion_lab.checkpoints import load_system
     from diffusion_lab.diffusion import get_sampler
-    from diffusion_lab.sample import load_system
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("ckpt", help="a shapes text-to-image checkpoint (diffusion_lab.train)")

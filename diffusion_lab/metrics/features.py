@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_lab.checkpoints import load_classifier
 from diffusion_lab.diffusion.registry import Registry
 from diffusion_lab.metrics.perceptual import package_file
 from diffusion_lab.nets.classifier import ConvClassifier
@@ -176,42 +177,6 @@ class RandomConvFeatures(FeatureExtractor):
 
 
 # -------------------------------------------------------------------------------------- trained classifier
-CLASSIFIER_SYSTEM = "diffusion_lab.systems.classifier.ClassifierSystem"
-CLASSIFIER_NET = "diffusion_lab.nets.classifier.ConvClassifier"
-TRAIN_CLASSIFIER_HINT = (
-    "Train one with `python -m diffusion_lab.train experiment=digits_classifier` (or "
-    "fashion_mnist_classifier) and pass its <run>/checkpoints/last.ckpt"
-)
-
-
-def load_classifier(path: str | os.PathLike) -> tuple[ConvClassifier, int, dict]:
-    """(net, image_size, run config) from a checkpoint written by a `*_classifier` training run (no Hydra)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier checkpoint not found: {path}. {TRAIN_CLASSIFIER_HINT}.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        raise ValueError(f"cannot read classifier checkpoint {path}: {type(e).__name__}: {e}") from e
-    config = (ckpt.get("diffusion_lab") or {}).get("config") if isinstance(ckpt, dict) else None
-    model_cfg = (config or {}).get("model") or {}
-    if (
-        model_cfg.get("_target_") != CLASSIFIER_SYSTEM
-        or (model_cfg.get("net") or {}).get("_target_") != CLASSIFIER_NET
-    ):
-        raise ValueError(
-            f"{path} is not a classifier checkpoint of diffusion_lab (model {model_cfg.get('_target_')!r}, "
-            f"expected {CLASSIFIER_SYSTEM} with a ConvClassifier net). {TRAIN_CLASSIFIER_HINT}."
-        )
-    net = ConvClassifier(**{k: v for k, v in model_cfg["net"].items() if k != "_target_"})
-    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match its own net config: {str(e).splitlines()[0]}") from e
-    return net.eval(), int(model_cfg["image_size"]), config
-
-
 @FEATURE_EXTRACTORS.register("classifier")
 class ClassifierFeatures(FeatureExtractor):
     """Penultimate features and logits of a ConvClassifier trained by `experiment=*_classifier` (the usual

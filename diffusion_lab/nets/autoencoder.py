@@ -1,11 +1,8 @@
-"""KL autoencoder (latent diffusion's stage 1): conv Encoder/Decoder, diagonal Gaussian posterior, loader."""
+"""KL autoencoder (latent diffusion's stage 1): conv Encoder / Decoder and the diagonal Gaussian posterior."""
 
 from __future__ import annotations
 
-import os
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,10 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_lab.nets.layers import AttentionBlock, Downsample, Upsample, group_norm, zero_init
-
-# Key of the self-contained block a stage-1 checkpoint carries (see `autoencoder_checkpoint_block`).
-CHECKPOINT_KEY = "autoencoder"
-CHECKPOINT_FORMAT = "diffusion_lab.AutoencoderKL/1"
 
 
 class DiagonalGaussian:
@@ -296,53 +289,3 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)  # over (B, C_z, H / f, W / f)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior  # (B, C, H, W)
-
-
-def autoencoder_checkpoint_block(
-    net: AutoencoderKL, state_dict: dict[str, torch.Tensor], scale_factor: float | None, *, ema: bool = False
-) -> dict[str, Any]:
-    """The self-contained `checkpoint["autoencoder"]` block: constructor kwargs, weights, latent scale factor."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "kwargs": dict(net.init_kwargs),
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "scale_factor": None if scale_factor is None else float(scale_factor),
-        "ema": bool(ema),
-    }
-
-
-def load_autoencoder(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[AutoencoderKL, float]:
-    """Rebuild the (EMA) autoencoder and its latent scale factor from a stage-1 checkpoint alone (no Hydra).
-
-    Returns the net in eval mode and the scale factor (latents for diffusion = scale_factor * z).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"autoencoder checkpoint not found: {str(path)!r}. Train one first, e.g. "
-            "`python -m diffusion_lab.train experiment=mnist_autoencoder`, and pass its "
-            "<run_dir>/checkpoints/last.ckpt"
-        )
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # A Lightning checkpoint whose hyper-parameters hold Python objects: a file this project wrote.
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    block = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
-    if not isinstance(block, dict) or block.get("format") != CHECKPOINT_FORMAT:
-        keys = sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"{str(path)!r} is not a stage-1 autoencoder checkpoint: it has no {CHECKPOINT_KEY!r} block of format "
-            f"{CHECKPOINT_FORMAT!r} (found keys: {keys}). Pass the last.ckpt of an AutoencoderSystem run."
-        )
-    if block.get("scale_factor") is None:
-        raise ValueError(
-            f"{str(path)!r} has no latent scale factor: it is computed when training ends "
-            "(AutoencoderSystem.on_train_end) and stored in <run_dir>/checkpoints/last.ckpt; checkpoints saved "
-            "during training have none. Use last.ckpt, or call AutoencoderSystem.compute_scale_factor and save again."
-        )
-    net = AutoencoderKL(**block["kwargs"])
-    net.load_state_dict(block["state_dict"])
-    return net.to(map_location).eval(), float(block["scale_factor"])

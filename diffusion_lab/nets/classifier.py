@@ -1,6 +1,8 @@
-"""A small CNN image classifier with a penultimate feature layer (FID features and conditional-accuracy judge)."""
+"""Small conv image encoders: a classifier with a feature layer (FID features, accuracy judge), CLIP's image tower."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,35 @@ class ConvClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.features(x))  # (B, num_classes)
+
+
+class ConvImageEncoder(nn.Module):
+    """Small CNN image tower: stride-2 conv stages, then a linear map of the flattened (position-aware) features."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        image_size: int = 32,
+        base_channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 4),
+        out_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 3, padding=1)]
+        ch = base_channels
+        for mult in channel_mult:
+            cout = base_channels * mult
+            layers += [group_norm(ch, 8), nn.SiLU(), nn.Conv2d(ch, cout, 3, stride=2, padding=1)]
+            layers += [group_norm(cout, 8), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1)]
+            ch = cout
+        self.features = nn.Sequential(*layers)
+        size = image_size // 2 ** len(channel_mult)
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for {len(channel_mult)} stride-2 stages")
+        self.head = nn.Sequential(nn.SiLU(), nn.Flatten(), nn.Linear(ch * size * size, out_dim))
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)  # (B, C, H / 2^S, W / 2^S)
+        return self.head(h)  # (B, out_dim)

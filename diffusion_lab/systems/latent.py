@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from diffusion_lab.checkpoints import autoencoder_checkpoint_block, load_autoencoder, sub_state
 from diffusion_lab.diffusion.utils import randn_like
-from diffusion_lab.nets.autoencoder import autoencoder_checkpoint_block, load_autoencoder
 from diffusion_lab.nets.text import TextEncoder
 from diffusion_lab.systems.diffusion import DiffusionSystem
 
@@ -76,37 +75,17 @@ class LatentDiffusionSystem(DiffusionSystem):
     def is_text_conditional(self) -> bool:
         return self.text_encoder is not None
 
-    @property
-    def is_conditional(self) -> bool:
-        return self.num_classes is not None or self.is_text_conditional
-
-    def condition(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Net kwargs of a batch: `class_labels` from `label`, `context` / `context_mask` from `caption`."""
-        cond = super().condition(batch)
-        if self.text_encoder is not None:
-            if "caption" not in batch:
-                raise ValueError(
-                    "the model is text-conditional but the batch has no 'caption': set data.captions=true"
-                )
-            context, mask = self.text_encoder(list(batch["caption"]))  # (B, L, D), (B, L)
+    def condition(
+        self, *, labels: torch.Tensor | None = None, prompts: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """As DiffusionSystem.condition, plus `prompts` -> `context` (B, L, D) / `context_mask` (B, L)."""
+        cond = super().condition(labels=labels)
+        if prompts is not None:
+            if self.text_encoder is None:
+                raise ValueError("prompts given, but this model is not text-conditional")
+            context, mask = self.text_encoder(list(prompts))
             cond.update(context=context, context_mask=mask)
         return cond
-
-    def null_condition(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """Null class id and the encoding of the empty caption (with gradients while training)."""
-        cond = super().null_condition(batch_size)
-        if self.text_encoder is not None:
-            context, mask = self.text_encoder([""])  # (1, L, D), (1, L)
-            cond.update(context=context.expand(batch_size, -1, -1), context_mask=mask.expand(batch_size, -1))
-        return cond
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Net kwargs for sampling from captions: {context (N, L, D), context_mask (N, L)}."""
-        if self.text_encoder is None:
-            raise ValueError("this model is not text-conditional (it has no text_encoder)")
-        context, mask = self.text_encoder(list(prompts))
-        return {"context": context, "context_mask": mask}
 
     # ----------------------------------------------------------------- latent space
     def batch_x0(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -133,15 +112,11 @@ class LatentDiffusionSystem(DiffusionSystem):
     def sample_shape(self) -> tuple[int, int, int]:
         return self.autoencoder.latent_shape(self.image_size)
 
+    clip_x0 = False  # latents are not bounded like pixels
+
     @torch.no_grad()
     def sample(self, *, cond: dict[str, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
-        """As DiffusionSystem.sample; a text model without a prompt samples from the empty caption.
-
-        Latents are not bounded like pixels: a sampler's `clip_x0` (x0_hat clipped to [-1, 1]) is turned off.
-        """
-        sampler = kwargs.get("sampler")
-        if getattr(sampler, "opts", {}).get("clip_x0"):
-            kwargs["sampler"] = dataclasses.replace(sampler, opts={**sampler.opts, "clip_x0": False})
+        """As DiffusionSystem.sample; a text model without a prompt samples from the empty caption."""
         if self.text_encoder is not None and not (cond and "context" in cond):
             x_T = kwargs.get("x_T")
             n = x_T.shape[0] if x_T is not None else kwargs.get("num_samples")
@@ -176,11 +151,8 @@ class LatentDiffusionSystem(DiffusionSystem):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The checkpoint is itself a stage-1 checkpoint: `load_autoencoder(ldm.ckpt)` works, so the
-        # model can be rebuilt from this file alone (sample.load_system points autoencoder_ckpt here).
+        # model can be rebuilt from this file alone (checkpoints.load_system points autoencoder_ckpt here).
         state = checkpoint.get("state_dict") or self.state_dict()
-        ae_state = {
-            k.removeprefix("autoencoder."): v for k, v in state.items() if k.startswith("autoencoder.")
-        }
         checkpoint["autoencoder"] = autoencoder_checkpoint_block(
-            self.autoencoder, ae_state, self.scale_factor
+            self.autoencoder, sub_state(state, "autoencoder."), self.scale_factor
         )

@@ -1,0 +1,124 @@
+"""The one generation loop: (system, labels / prompts, n, seed, sampler, guidance) -> images, chunk by chunk.
+
+`sample`, `evaluate`, the training callbacks and notebooks all draw through `generate`. Seeding rule: sample i
+draws its x_T and every step's noise from its own generator, seeded `sample_seed(seed, i)`, so it is the same
+image whatever the batch size, the number of DDP ranks or the rank that draws it (chunk j runs on rank
+j mod world_size). The system decides the rest: its condition (`system.condition`), x0 clipping (`clip_x0`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_lab.checkpoints import load_guide
+from diffusion_lab.diffusion.utils import randn_like
+
+SEEDING_RULE = "per-sample/1"  # evaluate reuses a cached sample file only when it was drawn by this rule
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: every class in turn (what a class model draws when no class is named)."""
+    return torch.arange(n) % num_classes
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a run seeded `seed` (no collisions between (seed, index) pairs)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def iter_chunks(
+    n: int, batch_size: int, *, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[int, int, int]]:
+    """(chunk index, start, stop) of the chunks this rank runs (round-robin)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for j, start in enumerate(range(0, n, batch_size)):
+        if j % world_size == rank:
+            yield j, start, min(start + batch_size, n)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when there is one), `cpu`, `cuda`, `cuda:N`, ...; ValueError (one line) for an unknown device
+    or one this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={name} but CUDA is not available here: use device=cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device={name} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+            )
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"device={name} is not supported here: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def guidance_options(cfg: Mapping[str, Any], model, *, device: str | torch.device) -> dict[str, Any]:
+    """guidance_rescale / guidance_interval / guide (the net of guide_ckpt) of a sample or evaluate config."""
+    interval = cfg.get("guidance_interval")
+    return {
+        "guidance_rescale": float(cfg.get("guidance_rescale") or 0.0),
+        "guidance_interval": None if interval is None else [float(v) for v in interval],
+        "guide": load_guide(cfg["guide_ckpt"], model, device=device) if cfg.get("guide_ckpt") else None,
+    }
+
+
+@torch.no_grad()
+def generate(
+    model,
+    *,
+    sampler: Callable[..., torch.Tensor],
+    num_samples: int,
+    seed: int,
+    batch_size: int = 256,
+    guidance_scale: float = 1.0,
+    labels: torch.Tensor | None = None,
+    prompts: Sequence[str] | None = None,
+    guidance_opts: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (start, stop, images in [-1, 1] on the model's device) for this rank's chunks of `num_samples`.
+
+    `labels` (N,) / `prompts` (N texts): the condition of each sample (`model.condition`); none: unconditional
+    (a text model then samples the empty caption). `guidance_opts`: guidance_rescale / guidance_interval / guide
+    (autoguidance) for `model.sample`; without a condition or a guide, guidance is off."""
+    guidance_opts = dict(guidance_opts or {})
+    device = model.device
+    chunks = list(iter_chunks(num_samples, batch_size, rank=rank, world_size=world_size))
+    for _, start, stop in tqdm(chunks, desc="chunks", disable=not progress or len(chunks) < 2, leave=False):
+        generators = [
+            torch.Generator(device=device).manual_seed(sample_seed(seed, i)) for i in range(start, stop)
+        ]
+        x_T = randn_like(torch.empty((stop - start, *model.sample_shape), device=device), generators)
+        cond = model.condition(
+            labels=None if labels is None else labels[start:stop],
+            prompts=None if prompts is None else list(prompts[start:stop]),
+        )
+        images = model.sample(
+            sampler=sampler,
+            x_T=x_T,
+            cond=cond,
+            guidance_scale=guidance_scale if cond or guidance_opts.get("guide") is not None else 1.0,
+            generator=generators,
+            progress=progress,
+            **guidance_opts,
+        )
+        yield start, stop, images
+
+
+def generate_all(model, **kwargs: Any) -> torch.Tensor:
+    """Every image of `generate(model, **kwargs)` in order, on the CPU (one process)."""
+    return torch.cat([images.cpu() for _, _, images in generate(model, **kwargs)])
