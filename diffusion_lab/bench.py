@@ -731,6 +731,11 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["race"]:  # the peer race (diffusion_lab/race.py)
+        from diffusion_lab.race import main as race_main
+
+        return race_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m diffusion_lab.bench", description=__doc__.splitlines()[0]
     )
