@@ -12,7 +12,8 @@ Contenders (`contenders=[ours,torchcfm,diffusers]`):
   plus every key=value that is not a race key below (so `python -m diffusion_lab.bench race model.optimizer.lr=3e-3`
   asks "is my change better than the peers at this budget?"); sampled with the run's sampler, unguided at `nfe`
   steps' worth of evaluations and guided (`guidance`, two evaluations per step) at the same NFE.
-  `candidate="k=v k=v"` adds a second run of our recipe with those overrides on top (contender `candidate`).
+  `candidate="k=v k=v"` adds a run of our recipe with those overrides on top (contender `candidate`);
+  `candidate.NAME="k=v ..."` adds one named NAME (several at once: a lever sweep at one budget).
 - torchcfm: `examples/images/conditional_mnist.ipynb` of atong01/conditional-flow-matching as it ships: UNetModel
   (32 channels, 1 res block, class_cond), Adam (torch defaults: 1e-3), batch 128, ConditionalFlowMatcher(sigma=0),
   no EMA; sampled by fixed-step Euler from t=0 (noise) to 1 (the notebook integrates the same ODE with dopri5;
@@ -26,7 +27,7 @@ Contenders (`contenders=[ours,torchcfm,diffusers]`):
   guidance (the script has no label dropout).
 
 Race keys: budget (15m, 90s, 1h, seconds, or DD:HH:MM:SS), out, judge_ckpt, num_samples (per contender, rounded
-to whole classes), nfe, guidance, seed, contenders, candidate, bootstrap (resamples), torchcfm.<key>=,
+to whole classes), nfe, guidance, seed, contenders, candidate[.NAME], bootstrap (resamples), torchcfm.<key>=,
 diffusers.<key>= (the peers' settings below: batch_size, lr, ...). Peers need `pip install -e .[bench]`.
 """
 
@@ -87,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "contenders": ["ours", "torchcfm", "diffusers"],
     "candidate": None,
+    "candidates": {},
     "bootstrap": 1000,
     "sample_batch": 250,
     "data_dir": None,
@@ -127,7 +129,7 @@ def _value(text: str) -> Any:
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], dict[str, dict[str, Any]]]:
     """Race settings, our recipe's overrides (every other key=value) and the peers' settings."""
-    settings = dict(DEFAULTS)
+    settings = {**DEFAULTS, "candidates": {}}
     peers: dict[str, dict[str, Any]] = {
         "torchcfm": dict(TORCHCFM_DEFAULTS),
         "diffusers": dict(DIFFUSERS_DEFAULTS),
@@ -138,6 +140,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], dict[str, di
         head, dot, sub = key.partition(".")
         if eq and key in RACE_KEYS:
             settings[key] = _value(value)
+        elif eq and head == "candidate" and dot:
+            settings["candidates"][sub] = value
         elif eq and dot and head in peers:
             if sub not in peers[head]:
                 raise ValueError(f"{key}: {head} has no setting {sub!r} (known: {', '.join(peers[head])})")
@@ -151,7 +155,11 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], dict[str, di
     if unknown:
         raise ValueError(f"contenders: unknown {sorted(unknown)} (ours, torchcfm, diffusers)")
     if settings["candidate"]:
-        settings["contenders"] = [*settings["contenders"], "candidate"]
+        settings["candidates"] = {"candidate": settings["candidate"], **settings["candidates"]}
+    clash = set(settings["candidates"]) & {"ours", "real", *PEERS}
+    if clash:
+        raise ValueError(f"candidate names {sorted(clash)} are taken: name candidates otherwise")
+    settings["contenders"] = [*settings["contenders"], *settings["candidates"]]
     return settings, ours, peers
 
 
@@ -467,7 +475,6 @@ def _sample_row(samples: np.ndarray, labels: np.ndarray, *, nfe: int, how: str) 
 
 WORKERS = {
     "ours": train_ours,
-    "candidate": train_ours,
     "torchcfm": train_torchcfm,
     "diffusers": train_diffusers,
 }
@@ -479,7 +486,7 @@ def worker_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec_path).parent
     start = time.monotonic()
-    result = WORKERS[spec["name"]](spec, out)
+    result = WORKERS.get(spec["name"], train_ours)(spec, out)
     rows = result.pop("rows")
     result["sample_wall_s"] = round(time.monotonic() - start - result["train_wall_s"], 1)
     arrays = {}
@@ -511,10 +518,11 @@ def judge_rows(
     num_real: int,
     resamples: int,
     seed: int,
-) -> tuple[dict[str, dict[str, Any]], int]:
+) -> tuple[dict[str, dict[str, Any]], int, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Class accuracy (+ per class) and FID on the judge's features (vs the real test split) of each
     (images uint8 (N, H, W, C), labels) entry, with 95% bootstrap intervals; a `real` row of `num_real`
-    class-balanced training images scored the same way (the figures at this sample size of a perfect model)."""
+    class-balanced training images scored the same way (the figures at this sample size of a perfect model).
+    Returns the rows, the number of real test images and the entries scored (real first)."""
     import torch
 
     from diffusion_lab.data.mnist import FashionMNISTDataModule
@@ -532,7 +540,7 @@ def judge_rows(
     pick = np.concatenate(
         [rng.choice(np.flatnonzero(train_labels == k), per, replace=False) for k in range(10)]
     )
-    real_imgs = torch.stack([dm.train_set[int(i)]["image"] for i in pick])
+    real_imgs = _to_uint8(torch.stack([dm.train_set[int(i)]["image"] for i in pick]))
     entries = {"real": (real_imgs, train_labels[pick]), **samples}
     rows = {}
     for name, (images, labels) in entries.items():
@@ -555,7 +563,7 @@ def judge_rows(
             "fid_ci95": fid_ci,
             "per_class_accuracy": [float(correct[np.asarray(labels) == k].mean()) for k in range(10)],
         }
-    return rows, len(test)
+    return rows, len(test), entries
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -591,11 +599,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_grids(samples: dict[str, tuple[np.ndarray, np.ndarray]], out: Path, *, per_class: int = 10) -> None:
-    """grids/<row>.png (rows = classes, `per_class` samples each) and grids/side_by_side.png (all rows in order)."""
+    """grids/<row>.png (rows = classes, up to `per_class` samples each) and grids/side_by_side.png (all rows in order)."""
     from diffusion_lab.images import make_grid, save_png
 
     tiles = []
     for name, (images, labels) in samples.items():
+        per_class = min(per_class, *(int((labels == k).sum()) for k in range(10)))
         pick = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(10)])
         grid = make_grid(images[pick], nrow=per_class)
         save_png(grid, out / "grids" / f"{name}.png")
@@ -634,7 +643,7 @@ def run_race(argv: list[str]) -> dict[str, Any]:
             "sample_batch": int(settings["sample_batch"]),
             "data_dir": settings["data_dir"],
             "peer": peers.get(name),
-            "overrides": [*ours, *(shlex.split(settings["candidate"]) if name == "candidate" else [])],
+            "overrides": [*ours, *shlex.split(settings["candidates"].get(name, ""))],
         }
         (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
         log = open(folder / "worker.log", "w")  # noqa: SIM115 - closed when the worker ends
@@ -656,7 +665,7 @@ def run_race(argv: list[str]) -> dict[str, Any]:
                 samples[row_name] = (z[f"{row_name}__images"], z[f"{row_name}__labels"])
                 rows_meta[row_name] = {**row, "contender": name}
         contenders[name] = info
-    scored, num_test = judge_rows(
+    scored, num_test, entries = judge_rows(
         samples,
         judge_ckpt=str(judge),
         data_dir=settings["data_dir"],
@@ -678,7 +687,7 @@ def run_race(argv: list[str]) -> dict[str, Any]:
     (out / "race.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     table = format_table(result)
     (out / "race.md").write_text(table + "\n")
-    write_grids(samples, out)
+    write_grids(entries, out)
     print(table)
     print(f"[race] wrote {out / 'race.md'}, race.json and grids/")
     return result

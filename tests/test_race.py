@@ -77,6 +77,14 @@ def test_race_keys_peer_keys_and_our_overrides_are_told_apart():
     assert peers["torchcfm"]["lr"] == 3e-4 and peers["diffusers"]["lr"] == 1e-4  # the script's default
     assert ours == ["model.optimizer.lr=3e-3", "data.batch_size=64"]
     assert settings["contenders"] == ["ours", "torchcfm", "diffusers", "candidate"]
+    assert settings["candidates"] == {"candidate": "a=1"}
+    settings = race.parse_args(
+        ["contenders=[ours]", "candidate.wide=model.net.base_channels=48 data.batch_size=64"]
+    )[0]
+    assert settings["contenders"] == ["ours", "wide"]
+    assert settings["candidates"] == {"wide": "model.net.base_channels=48 data.batch_size=64"}
+    with pytest.raises(ValueError, match="taken"):
+        race.parse_args(["candidate.torchcfm=a=1"])
     with pytest.raises(ValueError, match="diffusers has no setting 'lrr'"):
         race.parse_args(["diffusers.lrr=1"])
     with pytest.raises(ValueError, match="unknown"):
@@ -180,8 +188,8 @@ def test_race_end_to_end_writes_table_json_and_grids(judge, tmp_path):
     assert "experiment=fashion_mnist" in ours["command"] and "data.batch_size=8" in ours["command"]
     table = (out / "race.md").read_text()
     assert all(f"| {name} |" in table for name in rows)
-    for name in rows:
-        assert Image.open(out / "grids" / f"{name}.png").size == (340, 340)  # 10 x (32 + 2) pixels
-    width = len(rows) * 340 + (len(rows) - 1) * 8
+    for name in rows:  # one row per class, 2 samples each, 32 px + 2 px padding
+        assert Image.open(out / "grids" / f"{name}.png").size == (2 * 34, 10 * 34)
+    width = len(rows) * 2 * 34 + (len(rows) - 1) * 8
     side = Image.open(out / "grids" / "side_by_side.png").size
     assert side[0] / side[1] == pytest.approx(width / 340)
