@@ -26,7 +26,8 @@ Contenders (`contenders=[ours,torchcfm,diffusers]`):
   the script's 128-512 channel net does not train on one CPU thread); sampled by DDIM with `nfe` steps, no
   guidance (the script has no label dropout).
 
-Race keys: budget (15m, 90s, 1h, seconds, or DD:HH:MM:SS), out, judge_ckpt, num_samples (per contender, rounded
+Race keys: budget (15m, 90s, 1h, seconds, or DD:HH:MM:SS), out, judge_ckpt, rescore (a finished race folder:
+judge its samples again, e.g. with another judge_ckpt), num_samples (per contender, rounded
 to whole classes), nfe, guidance, seed, contenders, candidate[.NAME], bootstrap (resamples), torchcfm.<key>=,
 diffusers.<key>= (the peers' settings below: batch_size, lr, ...). Peers need `pip install -e .[bench]`.
 """
@@ -58,6 +59,7 @@ RACE_KEYS = {
     "bootstrap",
     "sample_batch",
     "data_dir",
+    "rescore",
 }
 PEERS = ("torchcfm", "diffusers")
 TORCHCFM_DEFAULTS: dict[str, Any] = {"batch_size": 128, "lr": 1e-3, "num_channels": 32, "num_res_blocks": 1}
@@ -92,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "bootstrap": 1000,
     "sample_batch": 250,
     "data_dir": None,
+    "rescore": None,
 }
 JUDGE_HINT = (
     "the race needs a judge: judge_ckpt=<run>/checkpoints/last.ckpt of "
@@ -620,6 +623,10 @@ def run_race(argv: list[str]) -> dict[str, Any]:
     judge = settings["judge_ckpt"]
     if not judge or not Path(str(judge)).is_file():
         raise ValueError(JUDGE_HINT + (f" ({judge} is not a file)" if judge else ""))
+    if settings["rescore"]:
+        return rescore(
+            Path(settings["rescore"]), judge_ckpt=str(judge), argv=argv, bootstrap=settings["bootstrap"]
+        )
     missing = [p for p in PEERS if p in settings["contenders"] and not _importable(p)]
     if missing:
         raise ValueError(
@@ -627,6 +634,8 @@ def run_race(argv: list[str]) -> dict[str, Any]:
         )
     out = Path(settings["out"] or f"outputs/race/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    launch = {"settings": settings, "our_overrides": ours, "peers": peers, "argv": argv}
+    (out / "launch.json").write_text(json.dumps(launch, indent=2) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     per_class = -(-int(settings["num_samples"]) // 10)
     procs = {}
@@ -657,6 +666,27 @@ def run_race(argv: list[str]) -> dict[str, Any]:
         log.close()
     if failed:
         raise RuntimeError(f"contender(s) {', '.join(failed)} failed: see {out}/<name>/worker.log")
+    return score(out, settings=settings, ours=ours, peers=peers, argv=argv)
+
+
+def rescore(out: Path, *, judge_ckpt: str, argv: list[str], bootstrap: int) -> dict[str, Any]:
+    """Judge a finished race folder again (another judge, more resamples): its samples are kept."""
+    launch_file = out / "launch.json"
+    if not launch_file.is_file():
+        raise ValueError(f"rescore={out}: no launch.json there (not a race folder)")
+    launch = json.loads(launch_file.read_text())
+    settings = {**launch["settings"], "judge_ckpt": judge_ckpt, "bootstrap": bootstrap}
+    return score(
+        out, settings=settings, ours=launch["our_overrides"], peers=launch["peers"], argv=launch["argv"]
+    )
+
+
+def score(
+    out: Path, *, settings: dict[str, Any], ours: list[str], peers: dict[str, Any], argv: list[str]
+) -> dict[str, Any]:
+    """Judge every contender's samples in `out`; write race.json, race.md and grids/."""
+    judge = settings["judge_ckpt"]
+    per_class = -(-int(settings["num_samples"]) // 10)
     contenders, samples, rows_meta = {}, {}, {}
     for name in settings["contenders"]:
         info = json.loads((out / name / "train.json").read_text())

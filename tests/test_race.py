@@ -193,3 +193,8 @@ def test_race_end_to_end_writes_table_json_and_grids(judge, tmp_path):
     width = len(rows) * 2 * 34 + (len(rows) - 1) * 8
     side = Image.open(out / "grids" / "side_by_side.png").size
     assert side[0] / side[1] == pytest.approx(width / 340)
+    # judged again from the folder (another judge or more resamples): the same samples, the same figures
+    again = race.main([f"rescore={out}", f"judge_ckpt={judge}", "bootstrap=50"])
+    for name in rows:
+        assert again["rows"][name]["class_accuracy"] == saved["rows"][name]["class_accuracy"]
+        assert again["rows"][name]["fid"] == pytest.approx(saved["rows"][name]["fid"])
