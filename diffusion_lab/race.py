@@ -575,7 +575,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"Peer race: {s['budget']} wall each ({s['budget_s']:g} s), one thread each, all started together; "
         f"{s['num_samples']} class-balanced samples per row at {s['nfe']} NFE; judge {s['judge_ckpt']} "
-        f"(FID on its features vs the {result['real_test_images']} real test images; 95% bootstrap intervals).",
+        f"(FID on its features vs the {result['real_test_images']} real test images; 95% bootstrap intervals). "
+        "Train CPU-s: the contender process's user+sys up to the end of training (ours: the whole train run, its "
+        "start-up and end-of-run callbacks included).",
         "",
         "| run | sampling | NFE | steps x batch (images seen) | train CPU-s | class accuracy | FID (judge features) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
