@@ -447,8 +447,7 @@ def peak_flops(device: torch.device, s: Settings) -> float | None:
 
 # ------------------------------------------------------------------ one preset
 def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, sampling: bool = True) -> dict:
-    from diffusion_lab.diffusion import get_sampler
-    from diffusion_lab.diffusion.schedules import get_schedule
+    from diffusion_lab.diffusion import Guidance, get_process, get_sampler
 
     gpu = s.device.type == "cuda"
     batch_size = preset.batch_gpu if gpu else preset.batch_cpu
@@ -515,7 +514,7 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
     out["achieved_tflops"] = {k: flops[k] / med[k] / 1e12 for k in med}
 
     if sampling:  # DDIM + CFG through our sampler: one batched forward of 2B per step
-        schedule = get_schedule("linear", num_timesteps=1000)
+        schedule = get_process("linear", num_timesteps=1000)
         sampler = get_sampler("ddim", steps=preset.sample_steps)
         n = preset.sample_batch_gpu if gpu else preset.sample_batch_cpu
         g = torch.Generator().manual_seed(1)
@@ -535,7 +534,7 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
 
             def run(counted=counted):
                 with torch.inference_mode(), _autocast(s):
-                    sampler(counted, x_T, schedule, cond=cond, uncond=uncond, guidance_scale=scale)
+                    sampler(counted, x_T, schedule, cond=cond, uncond=uncond, guidance=Guidance(scale=scale))
 
             run()  # warm-up
             counted.calls = 0
@@ -577,7 +576,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
 def bench_framework(s: Settings, *, repeats: int, warmup: int) -> dict:
     """The quickstart as trained: DiffusionSystem.diffusion_step + AdamW, and its data loader's rate."""
     from diffusion_lab.data.digits import DigitsDataModule
-    from diffusion_lab.diffusion.schedules import get_schedule
+    from diffusion_lab.diffusion import get_process
     from diffusion_lab.systems.diffusion import DiffusionSystem
 
     preset = PRESETS["quickstart"]
@@ -588,7 +587,7 @@ def bench_framework(s: Settings, *, repeats: int, warmup: int) -> dict:
     batch = {k: v.to(s.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
     system = DiffusionSystem(
         net=prepare(UNet(**preset.net), s),
-        schedule=get_schedule("linear"),
+        process=get_process("linear"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-3),
         image_size=16,
     ).to(s.device)

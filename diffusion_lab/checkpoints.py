@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "diffusion_lab"  # the block holding the resolved run config (callbacks.run_config.RunConfig)
 AUTOENCODER_KEY = "autoencoder"  # the self-contained block a stage-1 (or latent) checkpoint carries
 AUTOENCODER_FORMAT = "diffusion_lab.AutoencoderKL/1"
+RENAMED_MODEL_KEYS = {"schedule": "process", "prediction_type": "objective"}  # in stored model configs
 CLASSIFIER_SYSTEM = "diffusion_lab.systems.classifier.ClassifierSystem"
 CLASSIFIER_NET = "diffusion_lab.nets.classifier.ConvClassifier"
 TRAIN_CLASSIFIER_HINT = (
@@ -114,9 +115,12 @@ def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
 def standalone_model_config(model_config: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     """The model config to rebuild a checkpoint from the file alone: a latent model's autoencoder comes from
     the checkpoint itself (it carries the stage-1 block), weights to start from (`init_ckpt`) are not read (the
-    state_dict holds the trained ones), and a tokenizer vocabulary stored by name (before the caption words moved
-    to `data/`) is rebuilt from its name."""
+    state_dict holds the trained ones), a tokenizer vocabulary stored by name is rebuilt from its name, and keys
+    stored under their former names (RENAMED_MODEL_KEYS) are read under today's."""
     cfg = copy.deepcopy(dict(model_config))
+    for old, new in RENAMED_MODEL_KEYS.items():
+        if old in cfg and new not in cfg:
+            cfg[new] = cfg.pop(old)
     if "autoencoder_ckpt" in cfg:
         cfg["autoencoder_ckpt"] = str(path)
     text = cfg.get("text_encoder")

@@ -27,7 +27,7 @@ from diffusion_lab.checkpoints import load_system
 from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
-from diffusion_lab.diffusion import get_sampler
+from diffusion_lab.diffusion import Guidance, get_sampler
 from diffusion_lab.generate import SEEDING_RULE, balanced_labels, generate, guidance_options, resolve_device
 from diffusion_lab.images import log_image
 from diffusion_lab.metrics.features import (
@@ -138,7 +138,7 @@ def load_or_generate(
     labels: torch.Tensor | None,
     prompts: list[str] | None,
     progress: bool,
-    guidance_opts: dict[str, Any] | None = None,
+    guidance_opts: Guidance | None = None,
 ) -> dict[str, Any]:
     """The cell's samples from `path` when it holds this checkpoint's, else sampled now and saved there."""
     if path.is_file():
@@ -163,7 +163,7 @@ def load_or_generate(
         labels=labels,
         prompts=prompts,
         progress=progress,
-        guidance_opts=guidance_opts,
+        guidance=guidance_opts,
     ):
         chunk = to_uint8(x)
         if images is None:
@@ -303,12 +303,12 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         else None
     )
     guidance_opts = guidance_options(cfg, model, device=device)
-    guided = labels is not None or text or guidance_opts["guide"] is not None
+    guided = labels is not None or text or guidance_opts.guide is not None
     guidance = [float(g) for g in cfg.guidance_scales] if guided else [1.0]
     ckpt_id = md5sum(cfg.ckpt)
     extra = {  # guidance refinements change the samples: keep their cache apart
-        "rescale": guidance_opts["guidance_rescale"] or None,
-        "interval": "-".join(f"{v:g}" for v in guidance_opts["guidance_interval"] or []) or None,
+        "rescale": guidance_opts.rescale or None,
+        "interval": "-".join(f"{v:g}" for v in guidance_opts.interval or []) or None,
         "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
     }
 

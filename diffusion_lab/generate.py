@@ -9,6 +9,7 @@ j mod world_size). The system decides the rest: its condition (`system.condition
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_lab.checkpoints import load_guide
+from diffusion_lab.diffusion import Guidance
 from diffusion_lab.diffusion.utils import randn_like
 
 SEEDING_RULE = "per-sample/1"  # evaluate reuses a cached sample file only when it was drawn by this rule
@@ -64,14 +66,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def guidance_options(cfg: Mapping[str, Any], model, *, device: str | torch.device) -> dict[str, Any]:
-    """guidance_rescale / guidance_interval / guide (the net of guide_ckpt) of a sample or evaluate config."""
+def guidance_options(cfg: Mapping[str, Any], model, *, device: str | torch.device) -> Guidance:
+    """The ``Guidance`` of a sample or evaluate config: guidance_rescale, guidance_interval and guide (the net of
+    guide_ckpt); its scale is set per draw (``generate``'s guidance_scale)."""
     interval = cfg.get("guidance_interval")
-    return {
-        "guidance_rescale": float(cfg.get("guidance_rescale") or 0.0),
-        "guidance_interval": None if interval is None else [float(v) for v in interval],
-        "guide": load_guide(cfg["guide_ckpt"], model, device=device) if cfg.get("guide_ckpt") else None,
-    }
+    return Guidance(
+        rescale=float(cfg.get("guidance_rescale") or 0.0),
+        interval=None if interval is None else tuple(float(v) for v in interval),
+        guide=load_guide(cfg["guide_ckpt"], model, device=device) if cfg.get("guide_ckpt") else None,
+    )
 
 
 @torch.no_grad()
@@ -85,7 +88,7 @@ def generate(
     guidance_scale: float = 1.0,
     labels: torch.Tensor | None = None,
     prompts: Sequence[str] | None = None,
-    guidance_opts: dict | None = None,
+    guidance: Guidance | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
@@ -93,9 +96,9 @@ def generate(
     """Yield (start, stop, images in [-1, 1] on the model's device) for this rank's chunks of `num_samples`.
 
     `labels` (N,) / `prompts` (N texts): the condition of each sample (`model.condition`); none: unconditional
-    (a text model then samples the empty caption). `guidance_opts`: guidance_rescale / guidance_interval / guide
-    (autoguidance) for `model.sample`; without a condition or a guide, guidance is off."""
-    guidance_opts = dict(guidance_opts or {})
+    (a text model then samples the empty caption). `guidance`: its rescale / interval / guide (autoguidance),
+    at `guidance_scale`; without a condition or a guide, guidance is off."""
+    guidance = guidance or Guidance()
     device = model.device
     chunks = list(iter_chunks(num_samples, batch_size, rank=rank, world_size=world_size))
     for _, start, stop in tqdm(chunks, desc="chunks", disable=not progress or len(chunks) < 2, leave=False):
@@ -111,10 +114,9 @@ def generate(
             sampler=sampler,
             x_T=x_T,
             cond=cond,
-            guidance_scale=guidance_scale if cond or guidance_opts.get("guide") is not None else 1.0,
+            guidance=replace(guidance, scale=guidance_scale if cond or guidance.guide is not None else 1.0),
             generator=generators,
             progress=progress,
-            **guidance_opts,
         )
         yield start, stop, images
 

@@ -109,7 +109,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             seed=seed,
             batch_size=batch_size,
             guidance_scale=guidance_scale,
-            guidance_opts=guidance,
+            guidance=guidance,
             progress=True,
             **draw,
         )
@@ -127,8 +127,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "n": n,
         "seed": seed,
         "guidance_scale": guidance_scale,
-        "guidance_rescale": guidance["guidance_rescale"],
-        "guidance_interval": guidance["guidance_interval"],
+        "guidance_rescale": guidance.rescale,
+        "guidance_interval": list(guidance.interval) if guidance.interval else None,
         "guide_ckpt": cfg.get("guide_ckpt"),
         "out": str(out),
     }

@@ -33,6 +33,7 @@ from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
 from diffusion_lab.checkpoints import check_resume
 from diffusion_lab.console import print_config_tree, quiet
+from diffusion_lab.renamed import exit_on_renamed
 from diffusion_lab.run_folder import (
     AlreadyFinished,
     RunLock,
@@ -368,4 +369,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_renamed(sys.argv[1:])
     main()

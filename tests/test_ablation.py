@@ -46,7 +46,7 @@ def test_every_grid_point_composes_and_builds(experiment, tmp_path):
                 got = node.name if key == "noise" else node  # a group: the option's registered name
                 assert str(got) == value, (override, got)
             model = instantiate(cfg.model, _convert_="all")  # bad values fail here (names, ranges, widths)
-            assert model.prediction_type == cfg.model.prediction_type
+            assert model.objective == cfg.model.objective
 
 
 def test_sweep_groups_wandb_runs(tmp_path):

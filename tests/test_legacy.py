@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion_lab.checkpoints import load_system
-from diffusion_lab.diffusion import get_sampler
+from diffusion_lab.diffusion import Guidance, get_sampler
 
 DATA = Path(__file__).parent / "data" / "legacy"
 REFERENCE = np.load(DATA / "reference_samples.npz")
@@ -26,10 +26,10 @@ def test_legacy_checkpoint_samples_the_stored_images(key):
     x_T = torch.randn((4, *model.sample_shape), generator=g)
     cond = {"class_labels": torch.tensor([0, 3, 5, 9])} if model.num_classes else {}
     images = model.sample(
-        sampler=get_sampler(sampler, steps=5, clip_x0=True),
+        sampler=get_sampler(sampler, steps=5),
         x_T=x_T,
         cond=cond,
-        guidance_scale=3.0 if cond else 1.0,
+        guidance=Guidance(scale=3.0 if cond else 1.0),
         generator=g,
     )
     expected = torch.from_numpy(REFERENCE[key])

@@ -65,8 +65,8 @@ def test_csv_log_stays_beside_the_other_loggers(run):
 
 def test_wandb_gets_the_config_once_and_the_summary(run):
     config, summary = run["wandb"]["config"], run["wandb"]["summary"]
-    assert config["model"]["prediction_type"] == "flow" and config["tags"] == ["dev"]
-    assert "prediction_type" not in config and "cond_drop_prob" not in config  # no flat system hparams
+    assert config["model"]["objective"] == "flow" and config["tags"] == ["dev"]
+    assert "objective" not in config and "cond_drop_prob" not in config  # no flat system hparams
     for key in ("final_train_loss", "class_accuracy", "steps"):
         assert summary[key] == pytest.approx(run["summary"][key]), key
     media = list((run["out"] / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))
@@ -96,7 +96,7 @@ def test_tensorboard_has_scalars_grids_and_hparams_with_the_final_figures(run):
     start = plugin_data_pb2.HParamsPluginData.FromString(
         plugin["_hparams_/session_start_info"]
     ).session_start_info
-    assert start.hparams["model/prediction_type"].string_value == "flow"
+    assert start.hparams["model/objective"].string_value == "flow"
 
 
 def test_mlflow_file_store_holds_params_metrics_grids_and_summary(run):
@@ -105,7 +105,7 @@ def test_mlflow_file_store_holds_params_metrics_grids_and_summary(run):
     client = MlflowClient(tracking_uri=f"file:{run['out'] / 'mlruns'}")
     [experiment] = [e for e in client.search_experiments() if e.name == "diffusion_lab"]
     [mlrun] = client.search_runs([experiment.experiment_id])
-    assert mlrun.data.params["model/prediction_type"] == "flow"
+    assert mlrun.data.params["model/objective"] == "flow"
     assert mlrun.data.tags["tags"] == "['dev']"
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")] == [0, 1, 2, 3]
     assert mlrun.data.metrics["summary/class_accuracy"] == pytest.approx(run["summary"]["class_accuracy"])

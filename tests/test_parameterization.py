@@ -14,7 +14,7 @@ from diffusion_lab.diffusion import (
     diffusion_loss,
     from_x0_eps,
     get_loss_weighting,
-    get_schedule,
+    get_process,
     to_x0_eps,
     training_target,
 )
@@ -23,7 +23,7 @@ from diffusion_lab.diffusion import (
 def sample(seed: int = 0, dtype=torch.float64):
     """x0, eps, a batch of timesteps and their (alpha_t, sigma_t) from the cosine schedule."""
     g = torch.Generator().manual_seed(seed)
-    schedule = get_schedule("cosine")
+    schedule = get_process("cosine")
     x0, eps = (
         torch.randn(4, 3, 5, 5, generator=g, dtype=dtype),
         torch.randn(4, 3, 5, 5, generator=g, dtype=dtype),

@@ -129,14 +129,14 @@ class RecordRaw(Callback):
 
 def test_callback_tracks_the_power_ema_of_the_raw_weights(tmp_path):
     from diffusion_lab.data.digits import DigitsDataModule
-    from diffusion_lab.diffusion import get_schedule
+    from diffusion_lab.diffusion import get_process
     from diffusion_lab.nets.dit import DiT
     from diffusion_lab.systems.diffusion import DiffusionSystem
 
     torch.manual_seed(0)
     system = DiffusionSystem(
         net=DiT(in_channels=1, patch_size=2, hidden_size=16, depth=1, num_heads=2, num_classes=10),
-        process=get_schedule("linear"),
+        process=get_process("linear"),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         image_size=8,
     )

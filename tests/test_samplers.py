@@ -11,8 +11,8 @@ from diffusion_lab.diffusion import (
     SAMPLERS,
     classifier_free_guidance,
     from_x0_eps,
+    get_process,
     get_sampler,
-    get_schedule,
 )
 
 
@@ -99,7 +99,7 @@ def check_parity(case, schedule_name, prediction_type, steps, *, spacing=None, r
         opts = dict(opts, spacing=spacing)
     if rescale:
         config["rescale_betas_zero_snr"] = True
-    schedule = get_schedule(schedule_name, rescale_zero_terminal_snr=rescale)
+    schedule = get_process(schedule_name, rescale_zero_terminal_snr=rescale)
     model = gaussian_toy(schedule, prediction_type)
     if stochastic:  # both draw their noise from identically seeded generators, in the same order
         step_kwargs = dict(step_kwargs, generator=torch.Generator().manual_seed(0))
@@ -158,7 +158,7 @@ def test_parity_few_steps(case, steps):
 
 @pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler")])
 def test_clip_x0_matches_diffusers_clip_sample(name, cls):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     model = gaussian_toy(schedule, "eps")
     g = torch.Generator().manual_seed(0)
     # with clipping, eps_hat follows the clipped x0_hat (DDIM: diffusers' use_clipped_model_output=True;
@@ -181,7 +181,7 @@ def test_ddim_skips_to_the_next_listed_timestep():
     """Documented deviation: diffusers' DDIM steps to t - T // steps even when the spacing lists another
     timestep (trailing / linspace with steps not dividing T); ours steps to the next listed timestep, so
     the last step lands on x0_hat exactly (checked by the point-mass test) and the two differ here."""
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     model = gaussian_toy(schedule, "eps")
     scheduler = _diffusers().DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
     expected = run_diffusers(scheduler, model, x_T(), 7)
@@ -197,7 +197,7 @@ ALL = list(SAMPLERS)
 
 @pytest.mark.parametrize("name", ALL)
 def test_seeded_generator_is_deterministic(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     sampler = get_sampler(name, steps=6)
     model = gaussian_toy(schedule, "eps")
     runs = [sampler(model, x_T(), schedule, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
@@ -222,7 +222,7 @@ POINT_MASS_CASES = [
 @pytest.mark.parametrize("schedule_name,rescale,prediction_type", POINT_MASS_CASES)
 @pytest.mark.parametrize("name", ALL)
 def test_perfect_denoiser_of_a_point_mass_returns_it(name, schedule_name, rescale, prediction_type):
-    schedule = get_schedule(schedule_name, rescale_zero_terminal_snr=rescale)
+    schedule = get_process(schedule_name, rescale_zero_terminal_snr=rescale)
     c = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5))
     x0 = get_sampler(name, steps=8)(
         point_mass(schedule, prediction_type, c),
@@ -248,7 +248,7 @@ class CountingNet:
 
 @pytest.mark.parametrize("name", ALL)
 def test_guidance_is_one_batched_call_per_evaluation(name):
-    schedule = get_schedule("cosine")
+    schedule = get_process("cosine")
     sampler = get_sampler(name, steps=5)
     cond, uncond = {"class_labels": torch.tensor([1, 2])}, {"class_labels": torch.tensor([10, 10])}
     net = CountingNet(schedule)
@@ -276,7 +276,7 @@ def test_guidance_is_one_batched_call_per_evaluation(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_guidance_scale_one_equals_no_guidance(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     sampler = get_sampler(name, steps=5)
     cond, uncond = {"class_labels": torch.tensor([1, 2])}, {"class_labels": torch.tensor([10, 10])}
     net_a, net_b = CountingNet(schedule), CountingNet(schedule)
@@ -297,7 +297,7 @@ def test_guidance_scale_one_equals_no_guidance(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_callback_runs_every_step_and_sees_the_result(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     sampler = get_sampler(name, steps=4)
     seen = []
     out = sampler(
@@ -315,14 +315,14 @@ def test_callback_runs_every_step_and_sees_the_result(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_low_precision_net_output_gives_float32(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     base = gaussian_toy(schedule, "eps")
     out = get_sampler(name, steps=3)(lambda x, t: base(x, t).bfloat16(), x_T().bfloat16(), schedule)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
 def test_stochastic_samplers_follow_the_generator():
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     model = gaussian_toy(schedule, "eps")
     for name, opts in [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_ancestral", {}), ("dpmpp_2m_sde", {})]:
         sampler = get_sampler(name, steps=5, **opts)
@@ -331,7 +331,7 @@ def test_stochastic_samplers_follow_the_generator():
 
 
 def test_ddim_eta_zero_ignores_the_generator():
-    schedule = get_schedule("cosine")
+    schedule = get_process("cosine")
     model = gaussian_toy(schedule, "eps")
     sampler = get_sampler("ddim", steps=10, eta=0.0)
     a = sampler(model, x_T(), schedule, generator=torch.Generator().manual_seed(0))
@@ -360,7 +360,7 @@ def test_nfe_formulas():
 def test_sampler_object_and_progress_bar(capsys):
     sampler = get_sampler("ddim", steps=3, eta=0.5)
     assert (sampler.name, sampler.steps, sampler.opts, sampler.nfe) == ("ddim", 3, {"eta": 0.5}, 3)
-    schedule = get_schedule("linear", num_timesteps=20)
+    schedule = get_process("linear", num_timesteps=20)
     sampler(gaussian_toy(schedule, "eps"), x_T(), schedule, progress=True)
     assert "ddim" in capsys.readouterr().err
 
@@ -389,13 +389,13 @@ def test_bad_step_counts_fail_with_one_line(steps):
 
 
 def test_more_steps_than_timesteps_fails():
-    schedule = get_schedule("linear", num_timesteps=10)
+    schedule = get_process("linear", num_timesteps=10)
     with pytest.raises(ValueError, match="steps=11 exceeds the schedule's num_timesteps=10"):
         get_sampler("ddpm", steps=11)(gaussian_toy(schedule, "eps"), x_T(), schedule)
 
 
 def test_negative_guidance_fails():
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
         get_sampler("euler", steps=3)(gaussian_toy(schedule, "eps"), x_T(), schedule, guidance_scale=-1.0)
 
@@ -405,7 +405,7 @@ def test_bad_options_and_prediction_type_fail():
         get_sampler("ddim", steps=5, spacing="uniform")
     with pytest.raises(ValueError, match="eta must be >= 0"):
         get_sampler("ddim", steps=5, eta=-0.1)
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     with pytest.raises(ValueError, match="valid choices: eps, v, x0"):
         get_sampler("ddim", steps=5)(
             gaussian_toy(schedule, "eps"), x_T(), schedule, prediction_type="epsilon"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from diffusion_lab.diffusion import SAMPLERS, get_sampler  # noqa: E402
+from diffusion_lab.diffusion import SAMPLERS, Guidance, get_sampler  # noqa: E402
 from diffusion_lab.sample import load_system  # noqa: E402
 from diffusion_lab.train import train  # noqa: E402
 
@@ -19,10 +19,10 @@ from conftest import TINY, compose  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 CASES = {
-    "eps_linear_cond": ["model.prediction_type=eps", "noise=linear"],
+    "eps_linear_cond": ["model.objective=eps", "process=linear"],
     "v_cosine_uncond": [
-        "model.prediction_type=v",
-        "noise=cosine",
+        "model.objective=v",
+        "process=cosine",
         "model.net.num_classes=null",
         "model.loss_weighting=uniform",
         "callbacks=diffusion",
@@ -51,10 +51,10 @@ for name, extra in CASES.items():
         x_T = torch.randn((4, *model.sample_shape), generator=g)
         cond = {"class_labels": torch.tensor([0, 3, 5, 9])} if model.num_classes else {}
         img = model.sample(
-            sampler=get_sampler(s, steps=5, clip_x0=True),
+            sampler=get_sampler(s, steps=5),
             x_T=x_T,
             cond=cond,
-            guidance_scale=3.0 if cond else 1.0,
+            guidance=Guidance(scale=3.0 if cond else 1.0),
             generator=g,
         )
         ref[f"{name}/{s}"] = img.numpy()
