@@ -1,6 +1,7 @@
 """How the legacy checkpoints and their samples were made: ONCE, at commit 1b2858d (before the continuous-time core).
 
-Kept for the record (`tests/test_legacy.py` reads the files); running it again would overwrite the reference.
+Kept for the record (`tests/test_legacy.py` reads the files, and says which samples were redrawn since); running it
+again would overwrite the reference.
 """
 
 import shutil
