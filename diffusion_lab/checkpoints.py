@@ -121,7 +121,10 @@ def standalone_model_config(model_config: Mapping[str, Any], path: str | os.Path
     for old, new in RENAMED_MODEL_KEYS.items():
         if old in cfg and new not in cfg:
             cfg[new] = cfg.pop(old)
-    if isinstance(cfg.get("process"), dict) and cfg["process"].get("_target_") == "diffusion_lab.diffusion.get_schedule":
+    if (
+        isinstance(cfg.get("process"), dict)
+        and cfg["process"].get("_target_") == "diffusion_lab.diffusion.get_schedule"
+    ):
         cfg["process"] = {**cfg["process"], "_target_": "diffusion_lab.diffusion.get_process"}
     if "autoencoder_ckpt" in cfg:
         cfg["autoencoder_ckpt"] = str(path)
