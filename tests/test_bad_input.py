@@ -82,8 +82,8 @@ def test_every_shipped_config_passes_the_type_check(tmp_path):
 def test_unknown_group_option_lists_the_choices(tmp_path):
     from hydra.errors import MissingConfigException
 
-    with pytest.raises(MissingConfigException, match=r"Available options in 'noise':\s+cosine\s+linear"):
-        compose("train", ["noise=nope"], tmp_path)
+    with pytest.raises(MissingConfigException, match=r"Available options in 'process':\s+cosine\s+linear"):
+        compose("train", ["process=nope"], tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- data

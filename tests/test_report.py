@@ -18,9 +18,9 @@ from diffusion_lab.report import ReportError, Run, main, name_runs, read_curves,
 from conftest import CONF_DIR, TINY
 
 ROOT = Path(CONF_DIR).parent
-# noise x loss weighting from ablation_objective's grid; objective pinned on the command line
+# process x loss weighting from ablation_objective's grid; objective pinned on the command line
 EXPECTED_LABELS = {
-    f"noise={n}, model.loss_weighting={w}" for n in ("linear", "cosine") for w in ("uniform", "min_snr")
+    f"process={n}, model.loss_weighting={w}" for n in ("linear", "cosine") for w in ("uniform", "min_snr")
 }
 
 
@@ -100,7 +100,7 @@ def test_report_of_a_four_run_sweep(sweep, tmp_path, caplog):
         summary = json.loads((sweep / row["folder"] / "summary.json").read_text())
         overrides = (sweep / row["folder"] / ".hydra" / "overrides.yaml").read_text()
         assert (
-            f"noise={row['noise']}" in overrides
+            f"process={row['process']}" in overrides
             and f"model.loss_weighting={row['model.loss_weighting']}" in overrides
         )
         for key in (
@@ -121,7 +121,7 @@ def test_report_of_a_four_run_sweep(sweep, tmp_path, caplog):
         )
 
     md = (sweep / "report.md").read_text()
-    table_rows = [line for line in md.splitlines() if line.startswith("| noise=")]
+    table_rows = [line for line in md.splitlines() if line.startswith("| process=")]
     assert len(table_rows) == 4 + len(erows)  # the runs table, then the evaluation rows of run 0
     assert {line.split(" | ")[0].lstrip("| ") for line in table_rows[:4]} == EXPECTED_LABELS
     assert "`experiment=ablation_objective`" in md  # listed once, as shared by every run

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.diffusion import BETA_SCHEDULES, SPACINGS, DiscreteProcess, get_process
+from diffusion_lab.diffusion import BETA_SCHEDULES, DiscreteProcess, get_process
+from diffusion_lab.diffusion.grids import SPACINGS
 
 
 def _diffusers():
@@ -204,7 +205,7 @@ def test_schedule_is_a_plain_object_with_cached_tables():
 
 
 def test_failures_are_loud():
-    with pytest.raises(ValueError, match="unknown noise schedule 'cosin'; valid choices: cosine, linear"):
+    with pytest.raises(ValueError, match="unknown noise process 'cosin'; valid choices: cosine, linear"):
         get_process("cosin")
     with pytest.raises(ValueError, match="num_timesteps must be an integer >= 1"):
         get_process("linear", num_timesteps=0)

@@ -38,7 +38,7 @@ def register_betas(name: str) -> Callable[[Callable[..., Tensor]], Callable[...,
             for k, v in (("num_timesteps", 1000), ("rescale_zero_terminal_snr", False))
         ]
         betas = [p for p in inspect.signature(fn).parameters.values() if p.kind is kw]
-        build.__signature__ = inspect.Signature([*own, *betas])  # the options get_process checks
+        build.__signature__ = inspect.Signature([*betas, *own])  # the options get_process checks
         build.__doc__ = fn.__doc__
         PROCESSES.register(name)(build)
         return fn
