@@ -30,10 +30,7 @@ class UNetBlock(nn.Module):
 class _Blocks:
     """Builds a UNet's blocks with its shared settings: a ResBlock, with attention where the levels ask for it."""
 
-    emb_dim: int
-    dropout: float
-    scale_shift: bool
-    norm_groups: int
+    res_kw: dict  # ResBlock's emb_dim, dropout, scale_shift, norm_groups
     num_heads: int
     attention_levels: tuple[int, ...]
     cross_levels: tuple[int, ...]
@@ -41,26 +38,16 @@ class _Blocks:
 
     def __call__(self, cin: int, cout: int, level: int | None = None, *, attention: bool = True) -> UNetBlock:
         """A block cin -> cout at ``level`` (None: the middle, which always has attention unless told not)."""
-        res = ResBlock(
-            cin,
-            cout,
-            emb_dim=self.emb_dim,
-            dropout=self.dropout,
-            scale_shift=self.scale_shift,
-            norm_groups=self.norm_groups,
-        )
+        res = ResBlock(cin, cout, **self.res_kw)
         self_attn = level is None or level in self.attention_levels
         cross = self.context_dim is not None and (level is None or level in self.cross_levels)
         if not attention or not (self_attn or cross):
             return UNetBlock(res)
-        attn = AttentionBlock(
-            cout,
-            num_heads=self.num_heads,
-            context_dim=self.context_dim if cross else None,
-            norm_groups=self.norm_groups,
-            self_attention=self_attn,
+        context_dim, groups = (self.context_dim if cross else None), self.res_kw["norm_groups"]
+        kw = dict(
+            num_heads=self.num_heads, context_dim=context_dim, norm_groups=groups, self_attention=self_attn
         )
-        return UNetBlock(res, attn)
+        return UNetBlock(res, AttentionBlock(cout, **kw))
 
 
 def _check_levels(channel_mult: tuple[int, ...], **levels: tuple[int, ...]) -> None:
@@ -123,9 +110,8 @@ class UNet(nn.Module):
         self.base_channels = base_channels
         self.input_multiple = 2 ** (len(channel_mult) - 1)  # H, W are halved once per level below the first
         emb_dim = 4 * base_channels
-        block = _Blocks(
-            emb_dim, dropout, scale_shift, norm_groups, num_heads, attention_levels, cross_levels, context_dim
-        )
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, norm_groups=norm_groups)
+        block = _Blocks(res_kw, num_heads, attention_levels, cross_levels, context_dim)
         self.time_mlp, self.class_emb = condition_layers(base_channels, emb_dim, num_classes)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.down, skip_channels = self._build_down(block, channel_mult, num_res_blocks)
