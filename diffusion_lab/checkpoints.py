@@ -186,7 +186,7 @@ def load_system(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
 
 def load_guide(path: str | os.PathLike, model, *, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The net of a guide checkpoint for autoguidance (Karras et al. 2024): a weaker model of the same kind
-    (same process, prediction type and conditioning), e.g. an earlier checkpoint of the same run."""
+    (same process, objective and conditioning), e.g. an earlier checkpoint of the same run."""
     guide, _ = load_system(path, device=device)
     for what in ("process", "objective"):
         mine, theirs = getattr(model, what, None), getattr(guide, what, None)

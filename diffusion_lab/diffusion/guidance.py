@@ -9,7 +9,7 @@ conversion), applying on the way
   conditional prediction elsewhere (one forward, no uncond);
 - autoguidance (Karras et al. 2024): the guide is a weaker model of the same kind (e.g. an earlier checkpoint)
   called with the same condition, ``guide + s (main - guide)``.
-Guiding x0_hat equals guiding the raw output for every prediction type (x0_hat is affine in it).
+Guiding x0_hat equals guiding the raw output for every objective (x0_hat is affine in it).
 """
 
 from __future__ import annotations

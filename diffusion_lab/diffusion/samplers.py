@@ -18,8 +18,10 @@ Adding a sampler is one decorated function here (its keyword-only arguments are 
 The grid: ``grid=`` names one (``grids.py``: karras, uniform, exponential, leading, trailing, linspace) with its
 options as a dict (``grid={"name": "karras", "rho": 7}``); by default the process's own (edm: karras, flow:
 uniform) or, on the discrete VP schedules, the sampler's diffusers spacing (leading / trailing / linspace) in the
-flavour of the diffusers scheduler it matches; where a grid starts is the grid's (``grids.py``), not the sampler's. Each sampler matches the diffusers scheduler named in its docstring to ~1e-5
-(tests/test_samplers.py, tests/test_formulations.py), except:
+flavour of the diffusers scheduler it matches; where a grid starts is the grid's (``grids.py``), not the sampler's.
+Each sampler matches the diffusers scheduler named in its docstring to ~1e-5 (tests/test_samplers.py,
+tests/test_formulations.py; started where the grid starts), and euler / heun / dpmpp_2m on the Karras grid match
+k-diffusion to ~1e-6 (tests/test_k_diffusion.py), except:
 - ddim steps to the next listed timestep; diffusers uses t - T // steps, which differs for trailing / linspace
   spacing when steps does not divide T (there diffusers' last step does not land on x0_hat).
 - trailing timesteps are computed exactly; diffusers' float arange can emit steps + 1 of them, ending at -1.
