@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 RENAMED_KEYS = {  # old override key (a config group or a dotted key) -> the new one
     "noise": "process",
@@ -20,6 +21,18 @@ def renamed_override(overrides: Sequence[str]) -> str | None:
         if key in RENAMED_KEYS:
             return f"{key} was renamed: use {RENAMED_KEYS[key]} (in {override!r})"
     return None
+
+
+def renamed_keys(config: Mapping[str, Any]) -> list[str]:
+    """One error per former key a composed config still sets (e.g. an experiment file written before a rename)."""
+    errors = []
+    for old, new in RENAMED_KEYS.items():
+        node: Any = config
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            errors.append(f"{old} was renamed: use {new}")
+    return errors
 
 
 def exit_on_renamed(overrides: Sequence[str]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from diffusion_lab.nets.base import DenoisingNet
+from diffusion_lab.renamed import renamed_keys
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def config_errors(node: Any, key: str = "") -> list[str]:
 
 def check_config(config: Mapping[str, Any]) -> None:
     """ConfigError listing every value that does not fit its constructor's annotation (one line)."""
-    errors = config_errors(config)
+    errors = renamed_keys(config) + config_errors(config)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
 

@@ -56,3 +56,14 @@ def test_old_python_names_fail_naming_the_new(module, name, new):
     with pytest.raises(ImportError, match=f"{name} is gone: use .*{new}"):
         exec(f"from {module} import {name}", {})
     importlib.import_module(module)  # the module itself still imports
+
+
+def test_a_config_file_setting_an_old_key_fails_naming_the_new():
+    from diffusion_lab.validation import ConfigError, check_config
+
+    config = {"model": {"prediction_type": "v"}, "noise": {"name": "cosine"}}
+    with pytest.raises(ConfigError) as info:
+        check_config(config)
+    message = str(info.value)
+    assert "model.prediction_type was renamed: use model.objective" in message
+    assert "noise was renamed: use process" in message and "\n" not in message
