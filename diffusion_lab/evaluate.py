@@ -419,7 +419,7 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
 def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, train_config: dict) -> None:
     """`logger=wandb`: the metrics as a wandb Table (`eval/metrics`), the plot and both configs, in the wandb
     group of the checkpoint's sweep when it came from one (`python -m diffusion_lab.train -m ...`)."""
-    from diffusion_lab.train import sweep_group
+    from diffusion_lab.instantiate import sweep_group
 
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:

@@ -138,3 +138,15 @@ def verify_checksum(path: str | os.PathLike) -> bool:
         )
     _verified[key] = (st.st_size, st.st_mtime_ns)
     return True
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` and check a file can be written in it; ValueError with the OS's reason if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write the {what} {path}: {e.strerror or e}") from e
+    return path

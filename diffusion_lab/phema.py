@@ -306,7 +306,7 @@ def main() -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from diffusion_lab.console import quiet
-    from diffusion_lab.validation import exit_on_user_error
+    from diffusion_lab.cli import exit_on_user_error
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="phema")
     def _main(cfg) -> None:
