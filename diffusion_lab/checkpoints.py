@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from diffusion_lab.files import CorruptFileError, verify_checksum
+from diffusion_lab.imports import locate
 from diffusion_lab.nets.autoencoder import AutoencoderKL
 from diffusion_lab.nets.classifier import ConvClassifier
-from diffusion_lab.imports import locate
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion_lab.callbacks.checkpoint import atomic_save
+from diffusion_lab.files import atomic_save
 from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -305,8 +305,8 @@ def main() -> None:
     from hydra.errors import InstantiationException
     from omegaconf.errors import OmegaConfBaseException
 
-    from diffusion_lab.console import quiet
     from diffusion_lab.cli import exit_on_user_error
+    from diffusion_lab.console import quiet
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="phema")
     def _main(cfg) -> None:

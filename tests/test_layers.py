@@ -12,9 +12,19 @@ LAYERS = {
     "helpers": ["diffusion_lab", "conf", "files", "console", "imports", "config_types"],
     "maths": ["diffusion"],
     "nets and data": ["nets", "data", "images", "checkpoints"],
-    "systems": ["systems", "generate", "instantiate"],
+    "systems": ["systems", "generate"],
     "callbacks and metrics": ["callbacks", "metrics", "tables", "run_folder"],
-    "entry points": ["train", "sample", "evaluate", "report", "bench", "phema", "cli", "captions_cli"],
+    "entry points": [
+        "train",
+        "sample",
+        "evaluate",
+        "report",
+        "bench",
+        "phema",
+        "cli",
+        "instantiate",
+        "write_captions",
+    ],
 }
 MAX_FUNCTION_LINES = 80
 

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from diffusion_lab.callbacks.checkpoint import atomic_save
+from diffusion_lab.files import atomic_save
 from diffusion_lab.phema import SNAPSHOT_DIR, power_ema_beta, sigma_rel_to_gamma, snapshot_path
 
 

@@ -21,7 +21,7 @@ from diffusion_lab.data.resumable import ResumableDataLoader
 from diffusion_lab.data.transforms import ImageTransform
 
 if TYPE_CHECKING:
-    from diffusion_lab.data.captions import Captioner
+    from diffusion_lab.data.captioners import Captioner
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from diffusion_lab.data.base import (
     seeded_split,
     split_fractions,
 )
-from diffusion_lab.data.captions import LabelCaptioner
+from diffusion_lab.data.captioners import LabelCaptioner
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, split_fractions
-from diffusion_lab.data.captions import LabelCaptioner
+from diffusion_lab.data.captioners import LabelCaptioner
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

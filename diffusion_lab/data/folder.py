@@ -18,7 +18,7 @@ from diffusion_lab.data.base import (
     seeded_split,
     split_fractions,
 )
-from diffusion_lab.data.captions import Captioner, LabelCaptioner, TextCaptioner
+from diffusion_lab.data.captioners import Captioner, LabelCaptioner, TextCaptioner
 
 log = logging.getLogger(__name__)
 

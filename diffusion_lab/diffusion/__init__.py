@@ -7,10 +7,10 @@ from .losses import LOSS_WEIGHTINGS, diffusion_loss, get_loss_weighting
 from .noise_levels import NOISE_LEVELS, get_noise_levels
 from .objectives import Objective, get_objective, training_loss
 from .parameterization import PREDICTION_TYPES, convert, from_x0_eps, to_x0_eps, training_target
-from .processes import PROCESSES, Process, get_process, process_names
+from .processes import PROCESSES, Process
 from .registry import Registry
 from .samplers import SAMPLERS, Sampler, get_sampler, register_sampler, sampler_options
-from .schedules import SCHEDULES, SPACINGS, NoiseSchedule, get_schedule
+from .schedules import SCHEDULES, SPACINGS, NoiseSchedule, get_process, get_schedule, process_names
 
 __all__ = [
     "GRIDS",

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .registry import Registry
-from .utils import append_dims, check_options
+from .utils import append_dims
 
 PROCESSES = Registry("noise process")
 
@@ -211,30 +210,6 @@ def ve(*, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Process:
 def rectified_flow(*, shift: float = 1.0, num_timesteps: int = 1000, time_scale: float = 1000.0) -> Process:
     """Rectified flow (Liu et al. 2023): alpha = 1 - t, sigma = t, with SD3's shift (Esser et al. 2024)."""
     return FlowProcess(shift=shift, num_timesteps=num_timesteps, time_scale=time_scale)
-
-
-def process_names() -> list[str]:
-    """Every process name: the discrete VP schedules (``schedules.SCHEDULES``) and the registered processes."""
-    from .schedules import SCHEDULES
-
-    return sorted({*SCHEDULES, *PROCESSES})
-
-
-def get_process(name: str, **opts: Any) -> Process:
-    """Build the process ``name``: a discrete VP schedule (linear, cosine, ...; ``get_schedule``), ve (EDM's
-    variance-exploding process) or rectified_flow.
-
-    VP schedules take ``num_timesteps``, ``rescale_zero_terminal_snr`` and their beta options.
-    """
-    from .schedules import SCHEDULES, get_schedule
-
-    if name in SCHEDULES:
-        return get_schedule(name, **opts)
-    if name not in PROCESSES:
-        raise ValueError(f"unknown noise process {name!r}; valid choices: {', '.join(process_names())}")
-    fn = PROCESSES.get(name)
-    check_options(fn, opts, what=f"noise process {name!r}")
-    return fn(**opts)
 
 
 def is_integral(t: float) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .processes import ALPHA_FLOOR, Process
+from .processes import ALPHA_FLOOR, PROCESSES, Process
 from .registry import Registry
 from .utils import append_dims, check_options
 
@@ -200,3 +201,23 @@ def get_schedule(
             raise ValueError("rescale_zero_terminal_snr needs num_timesteps >= 2")
         betas = rescale_to_zero_terminal_snr(betas)
     return NoiseSchedule(name=name, betas=betas)
+
+
+def process_names() -> list[str]:
+    """Every process name: the discrete VP schedules (``schedules.SCHEDULES``) and the registered processes."""
+    return sorted({*SCHEDULES, *PROCESSES})
+
+
+def get_process(name: str, **opts: Any) -> Process:
+    """Build the process ``name``: a discrete VP schedule (linear, cosine, ...; ``get_schedule``), ve (EDM's
+    variance-exploding process) or rectified_flow.
+
+    VP schedules take ``num_timesteps``, ``rescale_zero_terminal_snr`` and their beta options.
+    """
+    if name in SCHEDULES:
+        return get_schedule(name, **opts)
+    if name not in PROCESSES:
+        raise ValueError(f"unknown noise process {name!r}; valid choices: {', '.join(process_names())}")
+    fn = PROCESSES.get(name)
+    check_options(fn, opts, what=f"noise process {name!r}")
+    return fn(**opts)

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from diffusion_lab.files import cache_dir as default_cache_root
 from diffusion_lab.metrics.features import FeatureExtractor, extract_all
-from diffusion_lab.metrics.perceptual import cache_dir as default_cache_root
 
 log = logging.getLogger(__name__)
 # data module attributes that are not part of the data's identity: loader settings and the built splits
