@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion_lab.files import atomic_save
 from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
+from diffusion_lab.files import atomic_save
 
 log = logging.getLogger(__name__)
 
