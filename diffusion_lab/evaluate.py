@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -264,24 +265,70 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     _check(cfg)
     device = resolve_device(cfg.device)
     model, config = load_system(cfg.ckpt, device=device)  # refuses checkpoints of other systems
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
+    out = output_folder(cfg)
     try:
         (out / "samples").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
     dm, ds = real_split(config["data"], cfg.split)
     extractors = build_extractors(cfg, channels=dm.channels)
+    judge = build_judge(cfg, extractors, num_classes=model.num_classes)
+    cache = RealFeatureCache(cfg.cache_dir)
+    real = real_features(cfg, extractors, cache, dm, ds, device=device)
+    setup = sampling_setup(cfg, model, ds, device=device)
+
+    rows: list[dict[str, Any]] = []
+    if cfg.reference_split is not None:
+        rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
+
+    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in setup.guidance_scales]
+    for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
+        data, stem = sample_cell(cfg, model, out, setup, sampler_name=name, steps=steps, guidance_scale=g)
+        cell = {"sampler": name, "steps": steps, "guidance_scale": g}
+        rows.append(
+            score_cell(
+                cfg, cell, data, out / "features" / stem, extractors, real, judge, setup, device=device
+            )
+        )
+        # after every cell, so an interrupted run keeps the rows it has
+        write_tables(rows, out, title=_title(cfg, ds, dm))
+    plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
+    info = {
+        "ckpt": str(cfg.ckpt),
+        "real_split": cfg.split,
+        "real_images": len(next(iter(real.values()))),
+        "data": describe_datamodule(dm),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "eval.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "metrics.md", out / "metrics_vs_nfe.png")
+    log_to_wandb(cfg, rows, out, train_config=config)
+    return rows
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    """`out`, or `<run>/eval/` beside the checkpoint's run."""
+    return Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
+
+
+def build_judge(cfg: DictConfig, extractors: dict[str, FeatureExtractor], *, num_classes: int | None):
+    """The classifier that judges class accuracy (the `classifier` extractor, else `classifier_ckpt`), or None."""
     judge = extractors.get("classifier") or (
         ClassifierFeatures(ckpt=cfg.classifier_ckpt) if cfg.classifier_ckpt else None
     )
-    num_classes = model.num_classes
     if judge is not None and num_classes is not None and judge.num_classes != num_classes:
         raise ValueError(
             f"the classifier {cfg.classifier_ckpt} has {judge.num_classes} classes, the model {num_classes}: "
             "use a classifier trained on the model's data"
         )
-    cache = RealFeatureCache(cfg.cache_dir)
-    real = {
+    return judge
+
+
+def real_features(
+    cfg: DictConfig, extractors: dict[str, FeatureExtractor], cache: RealFeatureCache, dm, ds, *, device
+) -> dict[str, np.ndarray]:
+    """The real split's features per extractor, from the cache (computed once per data set and extractor)."""
+    return {
         name: cache.get(
             ext,
             ds,
@@ -294,6 +341,24 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )[0]
         for name, ext in extractors.items()
     }
+
+
+@dataclass
+class SamplingSetup:
+    """What every cell samples with: the conditions, the guidance scales and options, the cache keys."""
+
+    labels: np.ndarray | None
+    prompts: list[str] | None
+    scorer: Any
+    guidance_opts: dict[str, Any]
+    guidance_scales: list[float]
+    ckpt_id: str
+    extra: dict[str, Any]
+
+
+def sampling_setup(cfg: DictConfig, model, ds, *, device) -> SamplingSetup:
+    """Balanced class labels or the split's captions, the guidance scales (1 for an unguided model) and options."""
+    num_classes = model.num_classes
     text = model.is_text_conditional
     labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
     prompts = _prompts(ds, cfg.num_samples) if text else None
@@ -311,76 +376,88 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         "interval": "-".join(f"{v:g}" for v in guidance_opts["guidance_interval"] or []) or None,
         "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
     }
+    return SamplingSetup(labels, prompts, scorer, guidance_opts, guidance, ckpt_id, extra)
 
-    rows: list[dict[str, Any]] = []
-    if cfg.reference_split is not None:
-        rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
 
-    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in guidance]
-    for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
-        opts = dict(cfg.get("sampler_options") or {})
-        sampler = get_sampler(name, steps=steps, **opts)
-        stem = cell_name(name, steps, g, cfg.seed, cfg.num_samples)
-        if opts:  # options change the samples: keep their cache apart
-            stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
-        stem += "".join(f"_{k}-{v}" for k, v in extra.items() if v is not None)
-        data = load_or_generate(
-            model,
-            out / "samples" / f"{stem}.npz",
-            sampler=sampler,
-            guidance_scale=g,
-            seed=cfg.seed,
-            num_samples=cfg.num_samples,
-            batch_size=cfg.batch_size,
-            ckpt_id=ckpt_id,
-            labels=labels,
-            prompts=prompts,
-            progress=cfg.progress,
-            guidance_opts=guidance_opts,
-        )
-        row: dict[str, Any] = {
-            "sampler": name,
-            "steps": steps,
-            "nfe": int(data["nfe"]),
-            "guidance_scale": g,
-            "num_samples": cfg.num_samples,
-            "seed": cfg.seed,
-            "sample_seconds": round(float(data["seconds"]), 2),
-        }
-        logits_by = {}
-        for fname, ext in extractors.items():
-            feats, logits = fake_features(
-                ext,
-                data["images"],
-                out / "features" / f"{stem}.{fname}-{ext.fingerprint[:12]}.npz",
-                batch_size=cfg.batch_size,
-                device=device,
-            )
-            logits_by[fname] = logits
-            row.update(score_features(fname, real[fname], feats, logits, cfg))
-        if "class_accuracy" in cfg.metrics and judge is not None and "labels" in data:
-            judge_logits = logits_by.get("classifier")
-            if judge_logits is None:
-                judge_logits = extract_all(judge, data["images"], batch_size=cfg.batch_size, device=device)[1]
-            row["class_accuracy"] = conditional_accuracy(judge_logits, data["labels"])
-        if scorer is not None:
-            images = uint8_to_images(data["images"]).to(device)
-            row["prompt_adherence"] = float(scorer(images, [str(p) for p in data["prompts"]]).float().mean())
-        rows.append(row)
-        # after every cell, so an interrupted run keeps the rows it has
-        write_tables(rows, out, title=_title(cfg, ds, dm))
-    plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
-    info = {
-        "ckpt": str(cfg.ckpt),
-        "real_split": cfg.split,
-        "real_images": len(next(iter(real.values()))),
-        "data": describe_datamodule(dm),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+def sample_cell(
+    cfg: DictConfig,
+    model,
+    out: Path,
+    setup: SamplingSetup,
+    *,
+    sampler_name: str,
+    steps: int,
+    guidance_scale: float,
+) -> tuple[dict[str, np.ndarray], str]:
+    """The cell's samples (from `<out>/samples/<stem>.npz` when cached) and the stem that names its files."""
+    opts = dict(cfg.get("sampler_options") or {})
+    sampler = get_sampler(sampler_name, steps=steps, **opts)
+    stem = cell_name(sampler_name, steps, guidance_scale, cfg.seed, cfg.num_samples)
+    if opts:  # options change the samples: keep their cache apart
+        stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
+    stem += "".join(f"_{k}-{v}" for k, v in setup.extra.items() if v is not None)
+    data = load_or_generate(
+        model,
+        out / "samples" / f"{stem}.npz",
+        sampler=sampler,
+        guidance_scale=guidance_scale,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        ckpt_id=setup.ckpt_id,
+        labels=setup.labels,
+        prompts=setup.prompts,
+        progress=cfg.progress,
+        guidance_opts=setup.guidance_opts,
+    )
+    return data, stem
+
+
+def score_cell(
+    cfg: DictConfig,
+    cell: dict[str, Any],
+    data: dict[str, np.ndarray],
+    features_stem: Path,
+    extractors: dict[str, FeatureExtractor],
+    real: dict[str, np.ndarray],
+    judge,
+    setup: SamplingSetup,
+    *,
+    device,
+) -> dict[str, Any]:
+    """One row: the cell's keys (sampler, steps, guidance_scale), its sampling time and every configured metric
+    of its samples (features cached as `<features_stem>.<extractor>-<fingerprint>.npz`)."""
+    row: dict[str, Any] = {
+        "sampler": cell["sampler"],
+        "steps": cell["steps"],
+        "nfe": int(data["nfe"]),
+        "guidance_scale": cell["guidance_scale"],
+        "num_samples": cfg.num_samples,
+        "seed": cfg.seed,
+        "sample_seconds": round(float(data["seconds"]), 2),
     }
-    (out / "eval.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "metrics.md", out / "metrics_vs_nfe.png")
-    log_to_wandb(cfg, rows, out, train_config=config)
-    return rows
+    logits_by = {}
+    for fname, ext in extractors.items():
+        feats, logits = fake_features(
+            ext,
+            data["images"],
+            features_stem.with_name(f"{features_stem.name}.{fname}-{ext.fingerprint[:12]}.npz"),
+            batch_size=cfg.batch_size,
+            device=device,
+        )
+        logits_by[fname] = logits
+        row.update(score_features(fname, real[fname], feats, logits, cfg))
+    if "class_accuracy" in cfg.metrics and judge is not None and "labels" in data:
+        judge_logits = logits_by.get("classifier")
+        if judge_logits is None:
+            judge_logits = extract_all(judge, data["images"], batch_size=cfg.batch_size, device=device)[1]
+        row["class_accuracy"] = conditional_accuracy(judge_logits, data["labels"])
+    if setup.scorer is not None:
+        images = uint8_to_images(data["images"]).to(device)
+        row["prompt_adherence"] = float(
+            setup.scorer(images, [str(p) for p in data["prompts"]]).float().mean()
+        )
+    return row
 
 
 def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -392,7 +469,7 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
     sigma_rels = [
         float(s) for s in (cfg.sigma_rels if isinstance(cfg.sigma_rels, Sequence) else [cfg.sigma_rels])
     ]
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
+    out = output_folder(cfg)
     rows: list[dict[str, Any]] = []
     for i, (sigma_rel, path) in enumerate(
         zip(sigma_rels, posthoc_checkpoints(cfg.ckpt, sigma_rels), strict=True)
