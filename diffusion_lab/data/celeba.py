@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_lab.data.base import BaseDataModule, DataError, FileSource, data_error, folder_is_empty
+from diffusion_lab.data.base import (
+    BaseDataModule,
+    DataError,
+    FileSource,
+    data_error,
+    folder_is_empty,
+    shared_args,
+)
 from diffusion_lab.data.captioners import AttributeCaptioner
 from diffusion_lab.data.phrases import Phrase, Vocabulary
 
@@ -228,15 +235,10 @@ class CelebADataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(**shared_args(locals()))
         self.data_dir = Path(data_dir)
-        self.image_size = image_size
         self.crop_size = crop_size
-        self.channels = channels
-        self.hflip = hflip
-        self.captions = captions
         self.skip_corrupt = skip_corrupt
-        self.seed = seed
 
     def _image_dir(self) -> Path:
         d = self.data_dir
