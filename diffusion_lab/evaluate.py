@@ -272,9 +272,29 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
     dm, ds = real_split(config["data"], cfg.split)
     extractors = build_extractors(cfg, channels=dm.channels)
-    judge = build_judge(cfg, extractors, num_classes=model.num_classes)
+    judge = extractors.get("classifier") or (
+        ClassifierFeatures(ckpt=cfg.classifier_ckpt) if cfg.classifier_ckpt else None
+    )
+    num_classes = model.num_classes
+    if judge is not None and num_classes is not None and judge.num_classes != num_classes:
+        raise ValueError(
+            f"the classifier {cfg.classifier_ckpt} has {judge.num_classes} classes, the model {num_classes}: "
+            "use a classifier trained on the model's data"
+        )
     cache = RealFeatureCache(cfg.cache_dir)
-    real = real_features(cfg, extractors, cache, dm, ds, device=device)
+    real = {
+        name: cache.get(
+            ext,
+            ds,
+            description=describe_datamodule(dm),
+            split=cfg.split,
+            num_real=cfg.num_real,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=cfg.progress,
+        )[0]
+        for name, ext in extractors.items()
+    }
     setup = sampling_setup(cfg, model, ds, device=device)
 
     rows: list[dict[str, Any]] = []
@@ -283,13 +303,20 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
     cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in setup.guidance_scales]
     for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
-        data, stem = sample_cell(cfg, model, out, setup, sampler_name=name, steps=steps, guidance_scale=g)
-        cell = {"sampler": name, "steps": steps, "guidance_scale": g}
-        rows.append(
-            score_cell(
-                cfg, cell, data, out / "features" / stem, extractors, real, judge, setup, device=device
-            )
+        data, stem = sample_cell(cfg, model, out, setup, name, steps, g)
+        row: dict[str, Any] = {
+            "sampler": name,
+            "steps": steps,
+            "nfe": int(data["nfe"]),
+            "guidance_scale": g,
+            "num_samples": cfg.num_samples,
+            "seed": cfg.seed,
+            "sample_seconds": round(float(data["seconds"]), 2),
+        }
+        row.update(
+            score_cell(cfg, data, out / "features" / stem, extractors, real, judge, setup, device=device)
         )
+        rows.append(row)
         # after every cell, so an interrupted run keeps the rows it has
         write_tables(rows, out, title=_title(cfg, ds, dm))
     plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
@@ -309,38 +336,6 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 def output_folder(cfg: DictConfig) -> Path:
     """`out`, or `<run>/eval/` beside the checkpoint's run."""
     return Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
-
-
-def build_judge(cfg: DictConfig, extractors: dict[str, FeatureExtractor], *, num_classes: int | None):
-    """The classifier that judges class accuracy (the `classifier` extractor, else `classifier_ckpt`), or None."""
-    judge = extractors.get("classifier") or (
-        ClassifierFeatures(ckpt=cfg.classifier_ckpt) if cfg.classifier_ckpt else None
-    )
-    if judge is not None and num_classes is not None and judge.num_classes != num_classes:
-        raise ValueError(
-            f"the classifier {cfg.classifier_ckpt} has {judge.num_classes} classes, the model {num_classes}: "
-            "use a classifier trained on the model's data"
-        )
-    return judge
-
-
-def real_features(
-    cfg: DictConfig, extractors: dict[str, FeatureExtractor], cache: RealFeatureCache, dm, ds, *, device
-) -> dict[str, np.ndarray]:
-    """The real split's features per extractor, from the cache (computed once per data set and extractor)."""
-    return {
-        name: cache.get(
-            ext,
-            ds,
-            description=describe_datamodule(dm),
-            split=cfg.split,
-            num_real=cfg.num_real,
-            batch_size=cfg.batch_size,
-            device=device,
-            progress=cfg.progress,
-        )[0]
-        for name, ext in extractors.items()
-    }
 
 
 @dataclass
@@ -384,7 +379,6 @@ def sample_cell(
     model,
     out: Path,
     setup: SamplingSetup,
-    *,
     sampler_name: str,
     steps: int,
     guidance_scale: float,
@@ -414,28 +408,10 @@ def sample_cell(
 
 
 def score_cell(
-    cfg: DictConfig,
-    cell: dict[str, Any],
-    data: dict[str, np.ndarray],
-    features_stem: Path,
-    extractors: dict[str, FeatureExtractor],
-    real: dict[str, np.ndarray],
-    judge,
-    setup: SamplingSetup,
-    *,
-    device,
-) -> dict[str, Any]:
-    """One row: the cell's keys (sampler, steps, guidance_scale), its sampling time and every configured metric
-    of its samples (features cached as `<features_stem>.<extractor>-<fingerprint>.npz`)."""
-    row: dict[str, Any] = {
-        "sampler": cell["sampler"],
-        "steps": cell["steps"],
-        "nfe": int(data["nfe"]),
-        "guidance_scale": cell["guidance_scale"],
-        "num_samples": cfg.num_samples,
-        "seed": cfg.seed,
-        "sample_seconds": round(float(data["seconds"]), 2),
-    }
+    cfg: DictConfig, data: dict, features_stem: Path, extractors: dict, real: dict, judge, setup, *, device
+) -> dict[str, float]:
+    """Every configured metric of a cell's samples (features cached as `<features_stem>.<extractor>-<id>.npz`)."""
+    row: dict[str, float] = {}
     logits_by = {}
     for fname, ext in extractors.items():
         feats, logits = fake_features(

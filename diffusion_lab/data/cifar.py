@@ -271,17 +271,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         if label_type not in ("fine", "coarse"):
             raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")
         super().__init__(
-            data_dir=data_dir,
-            download=download,
-            image_size=image_size,
-            channels=channels,
-            hflip=hflip,
-            val_fraction=val_fraction,
-            seed=seed,
-            captions=captions,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
+            **{k: v for k, v in locals().items() if k not in ("self", "__class__", "label_type")}
         )
         self.label_type = label_type
         self.num_classes = 100 if label_type == "fine" else 20
