@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from diffusion_lab import conf
+from diffusion_lab.files import write_text_atomic
 from diffusion_lab.nets.dit import DiT
 from diffusion_lab.nets.unet import UNet
 
@@ -789,11 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     table = format_table(result)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_text_atomic(args.out, json.dumps(result, indent=2) + "\n", what="benchmark result")
     out.with_suffix(".md").write_text(table + "\n")
     print(f"[bench] wrote {out} and {out.with_suffix('.md')}")
     return result

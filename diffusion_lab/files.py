@@ -56,7 +56,7 @@ def readable_by_default(fd: int) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str, *, what: str = "file") -> Path:
     """Replace `path` by `text` (`atomic_save`): a reader sees the old or the new file."""
     with writing(path, what):
-        atomic_save(text.encode(), path, save=lambda data, f: f.write(data))
+        atomic_save(text.encode(), path)
     return Path(path)
 
 
@@ -138,7 +138,8 @@ def atomic_save(
     save: Callable[[Any, Any], None] | None = None,
     checksum: bool = False,
 ) -> None:
-    """Write `obj` to `path` so that `path` holds either the old or the complete new file, never a partial one.
+    """Write `obj` (bytes as they are, else through `save`: torch.save by default) to `path` so that `path` holds
+    either the old or the complete new file, never a partial one.
 
     The bytes go to a hidden temp file in the same folder (`.NAME.XXXX.partial`, so the rename cannot cross a
     filesystem), are fsynced, and replace `path` with `os.replace`; the folder is fsynced after the rename.
@@ -152,7 +153,7 @@ def atomic_save(
         readable_by_default(fd)
         with os.fdopen(fd, "wb") as f:
             writer = HashingWriter(f)
-            (save or torch.save)(obj, writer)
+            writer.write(obj) if isinstance(obj, bytes) else (save or torch.save)(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         if checksum:
