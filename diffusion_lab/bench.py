@@ -38,6 +38,7 @@ from torch import nn
 
 from diffusion_lab import conf
 from diffusion_lab.files import write_text_atomic
+from diffusion_lab.generate import resolve_device
 from diffusion_lab.nets.dit import DiT
 from diffusion_lab.nets.unet import UNet
 
@@ -97,12 +98,11 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
         image_size=8,
-        net=dict(
+        net=net_yaml(
+            "unet_small",
             in_channels=1,
             base_channels=16,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_levels=(1,),
+            channel_mult=[1, 2],
             num_heads=2,
             num_classes=3,
             norm_groups=8,
@@ -147,7 +147,9 @@ PRESETS: dict[str, Preset] = {
         image_size=8,
         kind="dit",
         versus="tiny",
-        net=dict(in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3),
+        net=net_yaml(
+            "dit_tiny", in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3
+        ),
         batch_cpu=4,
         batch_gpu=4,
         sample_steps=2,
@@ -761,10 +763,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
