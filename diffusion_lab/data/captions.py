@@ -8,6 +8,7 @@ from functools import cache
 from diffusion_lab.data.celeba import CELEBA_ATTRIBUTES, CELEBA_VOCABULARY
 from diffusion_lab.data.phrases import GLUE, LABEL_SYNONYMS, LABEL_TEMPLATES, vocabulary_words
 from diffusion_lab.data.shapes import SHAPES_VOCABULARY
+from diffusion_lab.imports import moved
 from diffusion_lab.nets.text import split_words
 
 
@@ -55,3 +56,21 @@ def caption_words(name: str) -> tuple[str, ...]:
     if name == "all":
         return tuple(sorted(set().union(*(caption_words(n) for n in ("shapes", "celeba", "labels")))))
     raise ValueError(f"unknown caption vocabulary {name!r}; valid: shapes, celeba, labels, all")
+
+
+_MOVED = {  # name -> where it lives now
+    **dict.fromkeys(
+        "Phrase Vocabulary compose_caption label_caption with_article join_and".split(), "data.phrases"
+    ),
+    **dict.fromkeys("LABEL_TEMPLATES LABEL_SYNONYMS".split(), "data.phrases"),
+    **dict.fromkeys("Captioner LabelCaptioner AttributeCaptioner TextCaptioner".split(), "data.captioners"),
+    **dict.fromkeys("CELEBA_ATTRIBUTES CELEBA_VOCABULARY celeba_phrases".split(), "data.celeba"),
+    **dict.fromkeys("SHAPES_VOCABULARY shapes_phrases".split(), "data.shapes"),
+    **dict.fromkeys("DATASETS build_datamodule write_captions_jsonl main".split(), "write_captions"),
+}
+__getattr__ = moved(__name__, {name: f"diffusion_lab.{home}" for name, home in _MOVED.items()})
+
+if __name__ == "__main__":
+    raise SystemExit(
+        "error: this script moved: python -m diffusion_lab.write_captions --dataset NAME --out FILE"
+    )
