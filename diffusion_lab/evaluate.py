@@ -127,28 +127,30 @@ def cell_name(sampler: str, steps: int, guidance: float, seed: int, n: int) -> s
 
 
 def load_or_generate(
+    cfg: DictConfig,
     model,
-    path: Path,
-    *,
-    sampler,
+    out: Path,
+    setup: SamplingSetup,
+    sampler_name: str,
+    steps: int,
     guidance_scale: float,
-    seed: int,
-    num_samples: int,
-    batch_size: int,
-    ckpt_id: str,
-    labels: torch.Tensor | None,
-    prompts: list[str] | None,
-    progress: bool,
-    guidance_opts: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The cell's samples from `path` when it holds this checkpoint's, else sampled now and saved there."""
+) -> tuple[dict[str, np.ndarray], str]:
+    """The cell's samples from `<out>/samples/<stem>.npz` when it holds this checkpoint's, else sampled now and
+    saved there; and the stem that names the cell's files."""
+    opts = dict(cfg.get("sampler_options") or {})
+    sampler = get_sampler(sampler_name, steps=steps, **opts)
+    stem = cell_name(sampler_name, steps, guidance_scale, cfg.seed, cfg.num_samples)
+    if opts:  # options change the samples: keep their cache apart
+        stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
+    stem += "".join(f"_{k}-{v}" for k, v in setup.extra.items() if v is not None)
+    path = out / "samples" / f"{stem}.npz"
     if path.is_file():
         try:
             with np.load(path) as z:
                 data = {k: z[k] for k in z.files}
-            same = str(data.get("ckpt_md5")) == ckpt_id and str(data.get("seeding")) == SEEDING_RULE
-            if same and len(data["images"]) == num_samples:
-                return {**data, "cached": True}
+            same = str(data.get("ckpt_md5")) == setup.ckpt_id and str(data.get("seeding")) == SEEDING_RULE
+            if same and len(data["images"]) == cfg.num_samples:
+                return {**data, "cached": True}, stem
             log.warning("%s was sampled from another checkpoint or by older code; sampling again", path)
         except (OSError, ValueError, KeyError) as e:
             log.warning("unreadable sample cache %s (%s); sampling again", path, e)
@@ -157,32 +159,32 @@ def load_or_generate(
     for lo, hi, x in generate(
         model,
         sampler=sampler,
-        num_samples=num_samples,
-        seed=seed,
-        batch_size=batch_size,
+        num_samples=cfg.num_samples,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
         guidance_scale=guidance_scale,
-        labels=labels,
-        prompts=prompts,
-        progress=progress,
-        guidance_opts=guidance_opts,
+        labels=setup.labels,
+        prompts=setup.prompts,
+        progress=cfg.progress,
+        guidance_opts=setup.guidance_opts,
     ):
         chunk = to_uint8(x)
         if images is None:
-            images = np.zeros((num_samples, *chunk.shape[1:]), dtype=np.uint8)
+            images = np.zeros((cfg.num_samples, *chunk.shape[1:]), dtype=np.uint8)
         images[lo:hi] = chunk
     data: dict[str, Any] = {
         "images": images,
         "nfe": np.array(sampler.nfe),
         "seconds": np.array(time.time() - start),
-        "ckpt_md5": np.array(ckpt_id),
+        "ckpt_md5": np.array(setup.ckpt_id),
         "seeding": np.array(SEEDING_RULE),
     }
-    if labels is not None:
-        data["labels"] = labels.numpy()
-    if prompts is not None:
-        data["prompts"] = np.array(prompts)
+    if setup.labels is not None:
+        data["labels"] = setup.labels.numpy()
+    if setup.prompts is not None:
+        data["prompts"] = np.array(setup.prompts)
     save_npz(path, **data)
-    return {**data, "cached": False}
+    return {**data, "cached": False}, stem
 
 
 def fake_features(
@@ -300,7 +302,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
     cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in setup.guidance_scales]
     for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
-        data, stem = sample_cell(cfg, model, out, setup, name, steps, g)
+        data, stem = load_or_generate(cfg, model, out, setup, name, steps, g)
         row: dict[str, Any] = {
             "sampler": name,
             "steps": steps,
@@ -369,39 +371,6 @@ def sampling_setup(cfg: DictConfig, model, ds, *, device) -> SamplingSetup:
         "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
     }
     return SamplingSetup(labels, prompts, scorer, guidance_opts, guidance, ckpt_id, extra)
-
-
-def sample_cell(
-    cfg: DictConfig,
-    model,
-    out: Path,
-    setup: SamplingSetup,
-    sampler_name: str,
-    steps: int,
-    guidance_scale: float,
-) -> tuple[dict[str, np.ndarray], str]:
-    """The cell's samples (from `<out>/samples/<stem>.npz` when cached) and the stem that names its files."""
-    opts = dict(cfg.get("sampler_options") or {})
-    sampler = get_sampler(sampler_name, steps=steps, **opts)
-    stem = cell_name(sampler_name, steps, guidance_scale, cfg.seed, cfg.num_samples)
-    if opts:  # options change the samples: keep their cache apart
-        stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
-    stem += "".join(f"_{k}-{v}" for k, v in setup.extra.items() if v is not None)
-    data = load_or_generate(
-        model,
-        out / "samples" / f"{stem}.npz",
-        sampler=sampler,
-        guidance_scale=guidance_scale,
-        seed=cfg.seed,
-        num_samples=cfg.num_samples,
-        batch_size=cfg.batch_size,
-        ckpt_id=setup.ckpt_id,
-        labels=setup.labels,
-        prompts=setup.prompts,
-        progress=cfg.progress,
-        guidance_opts=setup.guidance_opts,
-    )
-    return data, stem
 
 
 def score_cell(

@@ -126,6 +126,23 @@ def run_training(
 
     last = out_dir / "checkpoints" / "last.ckpt"
     _save_final(trainer, model, last, raw=stop.final_checkpoint.raw_state)
+    summary = run_summary(
+        cfg, trainer, [model, *callbacks], out_dir=out_dir, start=start, ckpt_path=ckpt_path
+    )
+    if trainer.is_global_zero:  # a run resumed into its folder keeps the earlier figures (`earlier`)
+        summary = merge_summary(out_dir / "summary.json", summary)
+        write_summary(out_dir / "summary.json", summary)
+        log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if k != "earlier"}))
+        log_summary(trainer.loggers, summary, params=config, step=trainer.global_step)
+    finish_wandb()
+    return summary
+
+
+def run_summary(
+    cfg: DictConfig, trainer: L.Trainer, parts: list, *, out_dir: Path, start: float, ckpt_path: str | None
+) -> dict[str, Any]:
+    """What `summary.json` records of a finished fit: steps, time, final losses, val / eval figures and what the
+    system and callbacks contribute (`parts`' `summary`)."""
     summary: dict[str, Any] = {
         "task_name": cfg.get("task_name"),
         "output_dir": str(out_dir),
@@ -134,20 +151,14 @@ def run_training(
         "wall_seconds": round(time.time() - start, 2),
         "final_train_loss": _float(trainer.callback_metrics.get("train/loss")),
         "final_val_loss": _float(trainer.callback_metrics.get("val/loss")),
-        "last_checkpoint": str(last),
+        "last_checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
         "resumed_from": ckpt_path,
     }
     summary.update(
         {k: _float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "eval/"))}
     )
-    for part in (model, *callbacks):  # systems and callbacks may contribute (scale factor, grids, accuracy)
+    for part in parts:  # systems and callbacks may contribute (scale factor, grids, accuracy)
         summary.update(getattr(part, "summary", None) or {})
-    if trainer.is_global_zero:  # a run resumed into its folder keeps the earlier figures (`earlier`)
-        summary = merge_summary(out_dir / "summary.json", summary)
-        write_summary(out_dir / "summary.json", summary)
-        log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if k != "earlier"}))
-        log_summary(trainer.loggers, summary, params=config, step=trainer.global_step)
-    finish_wandb()
     return summary
 
 
