@@ -94,25 +94,6 @@ PRESETS: dict[str, Preset] = {
         batch_gpu=128,
         sample_batch_cpu=8,
     ),
-    # a tiny size for tests
-    "tiny": Preset(
-        name="tiny",
-        image_size=8,
-        net=net_yaml(
-            "unet_small",
-            in_channels=1,
-            base_channels=16,
-            channel_mult=[1, 2],
-            num_heads=2,
-            num_classes=3,
-            norm_groups=8,
-        ),
-        batch_cpu=4,
-        batch_gpu=4,
-        sample_steps=2,
-        sample_batch_cpu=2,
-        sample_batch_gpu=2,
-    ),
     # experiment=fashion_mnist's UNet: unet_small with attention at 8x8, class-conditional, 32 px, batch 32
     "fashion": Preset(
         name="fashion",
@@ -140,21 +121,6 @@ PRESETS: dict[str, Preset] = {
         batch_cpu=8,
         batch_gpu=256,
         sample_batch_cpu=8,
-    ),
-    # a tiny DiT for tests, beside the tiny UNet
-    "tiny_dit": Preset(
-        name="tiny_dit",
-        image_size=8,
-        kind="dit",
-        versus="tiny",
-        net=net_yaml(
-            "dit_tiny", in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3
-        ),
-        batch_cpu=4,
-        batch_gpu=4,
-        sample_steps=2,
-        sample_batch_cpu=2,
-        sample_batch_gpu=2,
     ),
 }
 NETS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}

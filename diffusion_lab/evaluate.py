@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,6 @@ from diffusion_lab.tables import (
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
 SPLITS = ("train", "val", "test")
-KEY_COLUMNS, INFO_COLUMNS = EVAL_KEYS, EVAL_INFO
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -130,7 +128,7 @@ def load_or_generate(
     cfg: DictConfig,
     model,
     out: Path,
-    setup: SamplingSetup,
+    setup: dict[str, Any],
     sampler_name: str,
     steps: int,
     guidance_scale: float,
@@ -142,13 +140,13 @@ def load_or_generate(
     stem = cell_name(sampler_name, steps, guidance_scale, cfg.seed, cfg.num_samples)
     if opts:  # options change the samples: keep their cache apart
         stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
-    stem += "".join(f"_{k}-{v}" for k, v in setup.extra.items() if v is not None)
+    stem += "".join(f"_{k}-{v}" for k, v in setup["extra"].items() if v is not None)
     path = out / "samples" / f"{stem}.npz"
     if path.is_file():
         try:
             with np.load(path) as z:
                 data = {k: z[k] for k in z.files}
-            same = str(data.get("ckpt_md5")) == setup.ckpt_id and str(data.get("seeding")) == SEEDING_RULE
+            same = str(data.get("ckpt_md5")) == setup["ckpt_id"] and str(data.get("seeding")) == SEEDING_RULE
             if same and len(data["images"]) == cfg.num_samples:
                 return {**data, "cached": True}, stem
             log.warning("%s was sampled from another checkpoint or by older code; sampling again", path)
@@ -163,10 +161,10 @@ def load_or_generate(
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         guidance_scale=guidance_scale,
-        labels=setup.labels,
-        prompts=setup.prompts,
+        labels=setup["labels"],
+        prompts=setup["prompts"],
         progress=cfg.progress,
-        guidance_opts=setup.guidance_opts,
+        guidance_opts=setup["guidance_opts"],
     ):
         chunk = to_uint8(x)
         if images is None:
@@ -176,13 +174,13 @@ def load_or_generate(
         "images": images,
         "nfe": np.array(sampler.nfe),
         "seconds": np.array(time.time() - start),
-        "ckpt_md5": np.array(setup.ckpt_id),
+        "ckpt_md5": np.array(setup["ckpt_id"]),
         "seeding": np.array(SEEDING_RULE),
     }
-    if setup.labels is not None:
-        data["labels"] = setup.labels.numpy()
-    if setup.prompts is not None:
-        data["prompts"] = np.array(setup.prompts)
+    if setup["labels"] is not None:
+        data["labels"] = setup["labels"].numpy()
+    if setup["prompts"] is not None:
+        data["prompts"] = np.array(setup["prompts"])
     save_npz(path, **data)
     return {**data, "cached": False}, stem
 
@@ -264,7 +262,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     _check(cfg)
     device = resolve_device(cfg.device)
     model, config = load_system(cfg.ckpt, device=device)  # refuses checkpoints of other systems
-    out = output_folder(cfg)
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"  # <run>/eval
     try:
         (out / "samples").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -300,7 +298,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.reference_split is not None:
         rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
 
-    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in setup.guidance_scales]
+    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in setup["guidance_scales"]]
     for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
         data, stem = load_or_generate(cfg, model, out, setup, name, steps, g)
         row: dict[str, Any] = {
@@ -332,26 +330,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def output_folder(cfg: DictConfig) -> Path:
-    """`out`, or `<run>/eval/` beside the checkpoint's run."""
-    return Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
-
-
-@dataclass
-class SamplingSetup:
-    """What every cell samples with: the conditions, the guidance scales and options, the cache keys."""
-
-    labels: np.ndarray | None
-    prompts: list[str] | None
-    scorer: Any
-    guidance_opts: dict[str, Any]
-    guidance_scales: list[float]
-    ckpt_id: str
-    extra: dict[str, Any]
-
-
-def sampling_setup(cfg: DictConfig, model, ds, *, device) -> SamplingSetup:
-    """Balanced class labels or the split's captions, the guidance scales (1 for an unguided model) and options."""
+def sampling_setup(cfg: DictConfig, model, ds, *, device) -> dict[str, Any]:
+    """What every cell samples with: balanced class `labels` or the split's `prompts`, the `guidance_scales` (1 for
+    an unguided model) and `guidance_opts`, the prompt `scorer`; what keys their cache (`ckpt_id`, `extra`)."""
     num_classes = model.num_classes
     text = model.is_text_conditional
     labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
@@ -370,7 +351,8 @@ def sampling_setup(cfg: DictConfig, model, ds, *, device) -> SamplingSetup:
         "interval": "-".join(f"{v:g}" for v in guidance_opts["guidance_interval"] or []) or None,
         "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
     }
-    return SamplingSetup(labels, prompts, scorer, guidance_opts, guidance, ckpt_id, extra)
+    return dict(labels=labels, prompts=prompts, scorer=scorer, guidance_opts=guidance_opts, guidance_scales=guidance,
+                ckpt_id=ckpt_id, extra=extra)  # fmt: skip
 
 
 def score_cell(
@@ -389,10 +371,10 @@ def score_cell(
     }
     labels = (lambda: data["labels"]) if "labels" in data else None
     row = score_set(cfg, features, real, judge, labels, lambda: data["images"], device=device)
-    if setup.scorer is not None:
+    if setup["scorer"] is not None:
         images = uint8_to_images(data["images"]).to(device)
         row["prompt_adherence"] = float(
-            setup.scorer(images, [str(p) for p in data["prompts"]]).float().mean()
+            setup["scorer"](images, [str(p) for p in data["prompts"]]).float().mean()
         )
     return row
 
@@ -422,7 +404,7 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
     sigma_rels = [
         float(s) for s in (cfg.sigma_rels if isinstance(cfg.sigma_rels, Sequence) else [cfg.sigma_rels])
     ]
-    out = output_folder(cfg)
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
     rows: list[dict[str, Any]] = []
     for i, (sigma_rel, path) in enumerate(
         zip(sigma_rels, posthoc_checkpoints(cfg.ckpt, sigma_rels), strict=True)
@@ -433,8 +415,8 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
         if i:  # the real-data reference row once
             one.reference_split = None
         rows += [{"sigma_rel": sigma_rel if r["nfe"] else None, **r} for r in evaluate(one)]
-    metrics = columns_of(rows, ("sigma_rel", *KEY_COLUMNS, *INFO_COLUMNS))
-    columns = ["sigma_rel", *KEY_COLUMNS, *metrics, *INFO_COLUMNS]
+    metrics = columns_of(rows, ("sigma_rel", *EVAL_KEYS, *EVAL_INFO))
+    columns = ["sigma_rel", *EVAL_KEYS, *metrics, *EVAL_INFO]
     write_csv(rows, out / "metrics_vs_sigma_rel.csv", columns=columns)
     lines = [f"# {cfg.ckpt}: post-hoc EMA lengths", "", *markdown_table(rows, columns)]
     (out / "metrics_vs_sigma_rel.md").write_text("\n".join(lines) + "\n")
@@ -471,7 +453,7 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, trai
             kwargs["name"] = f"evaluate/{run_dir.name}"[:128]
         logger = instantiate(node, **kwargs)
         logger.log_hyperparams({"evaluate": OmegaConf.to_container(cfg, resolve=True), "train": train_config})
-        columns = [*KEY_COLUMNS, *columns_of(rows, (*KEY_COLUMNS, *INFO_COLUMNS)), *INFO_COLUMNS]
+        columns = [*EVAL_KEYS, *columns_of(rows, (*EVAL_KEYS, *EVAL_INFO)), *EVAL_INFO]
         logger.log_table(
             key="eval/metrics", columns=columns, data=[[r.get(c) for c in columns] for r in rows]
         )
@@ -495,8 +477,8 @@ def _title(cfg: DictConfig, ds, dm) -> str:
 # ------------------------------------------------------------------------------------------------ outputs
 def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluation") -> None:
     """metrics.csv (all values) and metrics.md (the table, plus FID by sampler x steps per extractor)."""
-    metrics = columns_of(rows, (*KEY_COLUMNS, *INFO_COLUMNS))
-    columns = [*KEY_COLUMNS, *metrics, *INFO_COLUMNS]
+    metrics = columns_of(rows, (*EVAL_KEYS, *EVAL_INFO))
+    columns = [*EVAL_KEYS, *metrics, *EVAL_INFO]
     write_csv(rows, out / "metrics.csv", columns=columns)
     lines = [f"# {title}", "", *markdown_table(rows, columns)]
     refs = [r for r in rows if r["nfe"] == 0]

@@ -31,8 +31,10 @@ def locate(path: str) -> Any:
     raise ConfigError(f"cannot import _target_ {path!r}")
 
 
-def moved(module: str, names: dict[str, str]) -> Callable[[str], Any]:
-    """A module `__getattr__` for names that left `module`: ImportError naming the new home (no silent alias)."""
+def moved(module: str, homes: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` for names that left `module` ({new module: "name name ..."}): ImportError naming the
+    new home (no silent alias)."""
+    names = {name: home for home, listed in homes.items() for name in listed.split()}
 
     def __getattr__(name: str) -> Any:
         if name in names:

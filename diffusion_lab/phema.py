@@ -15,11 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.phema import SNAPSHOT_DIR, Snapshot, list_snapshots, load_snapshot
 from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
+from diffusion_lab.cli import exit_on_user_error
+from diffusion_lab.console import quiet
 from diffusion_lab.files import atomic_save
 from diffusion_lab.power_ema import posthoc_coefficients, sigma_rel_to_gamma
 
@@ -181,7 +187,7 @@ def _made_from(path: Path, inputs: list[str], template: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def run(cfg) -> list[Path]:
+def run(cfg: DictConfig) -> list[Path]:
     """The CLI's work on a composed `conf/phema.yaml`."""
     sigma_rels = cfg.sigma_rel if isinstance(cfg.sigma_rel, Sequence) else [cfg.sigma_rel]
     if not sigma_rels:
@@ -201,22 +207,12 @@ def run(cfg) -> list[Path]:
     )
 
 
-def main() -> None:
-    import hydra
-    from hydra.errors import InstantiationException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from diffusion_lab.cli import exit_on_user_error
-    from diffusion_lab.console import quiet
-
-    @hydra.main(version_base="1.3", config_path="conf", config_name="phema")
-    def _main(cfg) -> None:
-        quiet()
-        with exit_on_user_error((InstantiationException, OmegaConfBaseException)):
-            for path in run(cfg):
-                print(path)
-
-    _main()
+@hydra.main(version_base="1.3", config_path="conf", config_name="phema")
+def main(cfg: DictConfig) -> None:
+    quiet()
+    with exit_on_user_error((InstantiationException, OmegaConfBaseException)):
+        for path in run(cfg):
+            print(path)
 
 
 if __name__ == "__main__":

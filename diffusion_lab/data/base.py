@@ -339,15 +339,14 @@ class BaseDataModule(L.LightningDataModule):
         source: ArraySource | FileSource,
         parts: Sequence[np.ndarray],
         *,
-        hflip: bool | None = None,
         crop_size: int | None = None,
         labels: np.ndarray | None = None,
         attributes: np.ndarray | None = None,
         captioner: Captioner | None = None,
         skip_corrupt: bool = False,
     ) -> None:
-        """Set train/val/test ImageDatasets over `parts` = (train, val, test) source indices; `hflip` flips the
-        training split (default: the data module's `hflip`)."""
+        """Set train/val/test ImageDatasets over `parts` = (train, val, test) source indices (the training split
+        flipped at random when `hflip`)."""
         kw = dict(
             labels=labels,
             class_names=self.class_names,
@@ -361,7 +360,7 @@ class BaseDataModule(L.LightningDataModule):
         self.train_set = ImageDataset(
             source,
             train,
-            transform=ImageTransform(**tf, hflip=self.hflip if hflip is None else hflip),
+            transform=ImageTransform(**tf, hflip=self.hflip),
             train=True,
             **kw,
         )

@@ -58,17 +58,13 @@ def caption_words(name: str) -> tuple[str, ...]:
     raise ValueError(f"unknown caption vocabulary {name!r}; valid: shapes, celeba, labels, all")
 
 
-_MOVED = {  # name -> where it lives now
-    **dict.fromkeys(
-        "Phrase Vocabulary compose_caption label_caption with_article join_and".split(), "data.phrases"
-    ),
-    **dict.fromkeys("LABEL_TEMPLATES LABEL_SYNONYMS".split(), "data.phrases"),
-    **dict.fromkeys("Captioner LabelCaptioner AttributeCaptioner TextCaptioner".split(), "data.captioners"),
-    **dict.fromkeys("CELEBA_ATTRIBUTES CELEBA_VOCABULARY celeba_phrases".split(), "data.celeba"),
-    **dict.fromkeys("SHAPES_VOCABULARY shapes_phrases".split(), "data.shapes"),
-    **dict.fromkeys("DATASETS build_datamodule write_captions_jsonl main".split(), "write_captions"),
-}
-__getattr__ = moved(__name__, {name: f"diffusion_lab.{home}" for name, home in _MOVED.items()})
+__getattr__ = moved(__name__, {  # where the names that lived here are now
+    "diffusion_lab.data.phrases": "Phrase Vocabulary compose_caption label_caption with_article join_and LABEL_TEMPLATES LABEL_SYNONYMS",
+    "diffusion_lab.data.captioners": "Captioner LabelCaptioner AttributeCaptioner TextCaptioner",
+    "diffusion_lab.data.celeba": "CELEBA_ATTRIBUTES CELEBA_VOCABULARY celeba_phrases",
+    "diffusion_lab.data.shapes": "SHAPES_VOCABULARY shapes_phrases",
+    "diffusion_lab.write_captions": "DATASETS build_datamodule write_captions_jsonl main",
+})  # fmt: skip
 
 if __name__ == "__main__":
     raise SystemExit(

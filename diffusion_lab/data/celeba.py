@@ -291,7 +291,6 @@ class CelebADataModule(BaseDataModule):
         self._make_splits(
             FileSource(image_dir, files, channels=self.channels),
             [np.flatnonzero(split == k) for k in (0, 1, 2)],
-            hflip=self.hflip,
             crop_size=self.crop_size,
             attributes=attributes,
             captioner=captioner,
