@@ -218,6 +218,26 @@ def score_features(
     return out
 
 
+def real_features(
+    cfg: DictConfig, extractors: dict, cache, dm, split: str, num_real: int | None, device
+) -> dict:
+    """(features, logits) of the first `num_real` images of the real `split` per extractor, through the cache."""
+    ds = split_of(dm, split)
+    return {
+        name: cache.get(
+            ext,
+            ds,
+            description=describe_datamodule(dm),
+            split=split,
+            num_real=num_real,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=cfg.progress,
+        )
+        for name, ext in extractors.items()
+    }
+
+
 def reference_row(
     cfg: DictConfig, dm, extractors: dict[str, FeatureExtractor], judge, real: dict, cache, *, device
 ) -> dict[str, Any]:
@@ -234,19 +254,7 @@ def reference_row(
         "seed": cfg.seed,
         "sample_seconds": 0.0,
     }
-    features = {
-        fname: cache.get(
-            ext,
-            ds,
-            description=describe_datamodule(dm),
-            split=cfg.reference_split,
-            num_real=n,
-            batch_size=cfg.batch_size,
-            device=device,
-            progress=cfg.progress,
-        )
-        for fname, ext in extractors.items()
-    }
+    features = real_features(cfg, extractors, cache, dm, cfg.reference_split, n, device)
     labels = (
         (lambda: np.array([ds[i]["label"] for i in range(n)])) if getattr(dm, "num_classes", None) else None
     )
@@ -280,17 +288,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     cache = RealFeatureCache(cfg.cache_dir)
     real = {
-        name: cache.get(
-            ext,
-            ds,
-            description=describe_datamodule(dm),
-            split=cfg.split,
-            num_real=cfg.num_real,
-            batch_size=cfg.batch_size,
-            device=device,
-            progress=cfg.progress,
-        )[0]
-        for name, ext in extractors.items()
+        k: v[0] for k, v in real_features(cfg, extractors, cache, dm, cfg.split, cfg.num_real, device).items()
     }
     setup = sampling_setup(cfg, model, ds, device=device)
 
