@@ -139,9 +139,10 @@ def test_imports_point_down_the_layers():
 
 def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     edges = graph()
+    assert "diffusion_lab.checkpoints" in edges["diffusion_lab.nets.text"]  # in TextEncoder.load_pretrained
     assert (
-        "diffusion_lab.checkpoints" in edges["diffusion_lab.nets.text"]
-    )  # inside TextEncoder.load_pretrained
+        "diffusion_lab.diffusion.processes" in edges["diffusion_lab.diffusion.schedules"]
+    )  # `from .processes`
     assert layer("diffusion_lab.diffusion.samplers") == 1 and layer("diffusion_lab.train") == 5
 
 
