@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from diffusion_lab.files import CorruptFileError, verify_checksum
+from diffusion_lab.imports import locate
 from diffusion_lab.nets.autoencoder import AutoencoderKL
 from diffusion_lab.nets.classifier import ConvClassifier
-from diffusion_lab.validation import locate
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ CHECKPOINT_KEY = "diffusion_lab"  # the block holding the resolved run config (c
 AUTOENCODER_KEY = "autoencoder"  # the self-contained block a stage-1 (or latent) checkpoint carries
 AUTOENCODER_FORMAT = "diffusion_lab.AutoencoderKL/1"
 RENAMED_MODEL_KEYS = {"schedule": "process", "prediction_type": "objective"}  # in stored model configs
+DIFFUSION_SYSTEM = "diffusion_lab.systems.diffusion.DiffusionSystem"  # named, not imported: systems sit above
 CLASSIFIER_SYSTEM = "diffusion_lab.systems.classifier.ClassifierSystem"
 CLASSIFIER_NET = "diffusion_lab.nets.classifier.ConvClassifier"
 TRAIN_CLASSIFIER_HINT = (
@@ -144,11 +145,12 @@ def standalone_model_config(model_config: Mapping[str, Any], path: str | os.Path
 def check_generative(config: Mapping[str, Any], path: str | os.PathLike) -> None:
     """CheckpointError unless the checkpoint's system is a diffusion model (not a classifier, an autoencoder or a
     text encoder run), before anything is built from it."""
-    from diffusion_lab.systems.diffusion import DiffusionSystem
-
     target = (config.get("model") or {}).get("_target_", "")
     cls = locate(target) if target else None
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionSystem)):
+    if not (
+        isinstance(cls, type)
+        and DIFFUSION_SYSTEM in {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+    ):
         raise CheckpointError(
             f"{path} is not a diffusion model checkpoint: it holds a {target.rsplit('.', 1)[-1] or 'system'}"
             f" (task {config.get('task_name')!r}); give the checkpoint of a diffusion run"

@@ -27,7 +27,7 @@ from diffusion_lab.checkpoints import load_system
 from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
-from diffusion_lab.diffusion import Guidance, get_sampler
+from diffusion_lab.diffusion import get_sampler
 from diffusion_lab.generate import SEEDING_RULE, balanced_labels, generate, guidance_options, resolve_device
 from diffusion_lab.images import log_image
 from diffusion_lab.metrics.features import (
@@ -54,7 +54,6 @@ from diffusion_lab.tables import (
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
 SPLITS = ("train", "val", "test")
-KEY_COLUMNS, INFO_COLUMNS = EVAL_KEYS, EVAL_INFO
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -126,28 +125,30 @@ def cell_name(sampler: str, steps: int, guidance: float, seed: int, n: int) -> s
 
 
 def load_or_generate(
+    cfg: DictConfig,
     model,
-    path: Path,
-    *,
-    sampler,
+    out: Path,
+    setup: dict[str, Any],
+    sampler_name: str,
+    steps: int,
     guidance_scale: float,
-    seed: int,
-    num_samples: int,
-    batch_size: int,
-    ckpt_id: str,
-    labels: torch.Tensor | None,
-    prompts: list[str] | None,
-    progress: bool,
-    guidance_opts: Guidance | None = None,
-) -> dict[str, Any]:
-    """The cell's samples from `path` when it holds this checkpoint's, else sampled now and saved there."""
+) -> tuple[dict[str, np.ndarray], str]:
+    """The cell's samples from `<out>/samples/<stem>.npz` when it holds this checkpoint's, else sampled now and
+    saved there; and the stem that names the cell's files."""
+    opts = dict(cfg.get("sampler_options") or {})
+    sampler = get_sampler(sampler_name, steps=steps, **opts)
+    stem = cell_name(sampler_name, steps, guidance_scale, cfg.seed, cfg.num_samples)
+    if opts:  # options change the samples: keep their cache apart
+        stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
+    stem += "".join(f"_{k}-{v}" for k, v in setup["extra"].items() if v is not None)
+    path = out / "samples" / f"{stem}.npz"
     if path.is_file():
         try:
             with np.load(path) as z:
                 data = {k: z[k] for k in z.files}
-            same = str(data.get("ckpt_md5")) == ckpt_id and str(data.get("seeding")) == SEEDING_RULE
-            if same and len(data["images"]) == num_samples:
-                return {**data, "cached": True}
+            same = str(data.get("ckpt_md5")) == setup["ckpt_id"] and str(data.get("seeding")) == SEEDING_RULE
+            if same and len(data["images"]) == cfg.num_samples:
+                return {**data, "cached": True}, stem
             log.warning("%s was sampled from another checkpoint or by older code; sampling again", path)
         except (OSError, ValueError, KeyError) as e:
             log.warning("unreadable sample cache %s (%s); sampling again", path, e)
@@ -156,32 +157,32 @@ def load_or_generate(
     for lo, hi, x in generate(
         model,
         sampler=sampler,
-        num_samples=num_samples,
-        seed=seed,
-        batch_size=batch_size,
+        num_samples=cfg.num_samples,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
         guidance_scale=guidance_scale,
-        labels=labels,
-        prompts=prompts,
-        progress=progress,
-        guidance=guidance_opts,
+        labels=setup["labels"],
+        prompts=setup["prompts"],
+        progress=cfg.progress,
+        guidance=setup["guidance_opts"],
     ):
         chunk = to_uint8(x)
         if images is None:
-            images = np.zeros((num_samples, *chunk.shape[1:]), dtype=np.uint8)
+            images = np.zeros((cfg.num_samples, *chunk.shape[1:]), dtype=np.uint8)
         images[lo:hi] = chunk
     data: dict[str, Any] = {
         "images": images,
         "nfe": np.array(sampler.nfe),
         "seconds": np.array(time.time() - start),
-        "ckpt_md5": np.array(ckpt_id),
+        "ckpt_md5": np.array(setup["ckpt_id"]),
         "seeding": np.array(SEEDING_RULE),
     }
-    if labels is not None:
-        data["labels"] = labels.numpy()
-    if prompts is not None:
-        data["prompts"] = np.array(prompts)
+    if setup["labels"] is not None:
+        data["labels"] = setup["labels"].numpy()
+    if setup["prompts"] is not None:
+        data["prompts"] = np.array(setup["prompts"])
     save_npz(path, **data)
-    return {**data, "cached": False}
+    return {**data, "cached": False}, stem
 
 
 def fake_features(
@@ -217,6 +218,26 @@ def score_features(
     return out
 
 
+def real_features(
+    cfg: DictConfig, extractors: dict, cache, dm, split: str, num_real: int | None, device
+) -> dict:
+    """(features, logits) of the first `num_real` images of the real `split` per extractor, through the cache."""
+    ds = split_of(dm, split)
+    return {
+        name: cache.get(
+            ext,
+            ds,
+            description=describe_datamodule(dm),
+            split=split,
+            num_real=num_real,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=cfg.progress,
+        )
+        for name, ext in extractors.items()
+    }
+
+
 def reference_row(
     cfg: DictConfig, dm, extractors: dict[str, FeatureExtractor], judge, real: dict, cache, *, device
 ) -> dict[str, Any]:
@@ -233,27 +254,12 @@ def reference_row(
         "seed": cfg.seed,
         "sample_seconds": 0.0,
     }
-    logits_by = {}
-    for fname, ext in extractors.items():
-        feats, logits = cache.get(
-            ext,
-            ds,
-            description=describe_datamodule(dm),
-            split=cfg.reference_split,
-            num_real=n,
-            batch_size=cfg.batch_size,
-            device=device,
-            progress=cfg.progress,
-        )
-        logits_by[fname] = logits
-        row.update(score_features(fname, real[fname], feats, logits, cfg))
-    if "class_accuracy" in cfg.metrics and judge is not None and getattr(dm, "num_classes", None):
-        labels = np.array([ds[i]["label"] for i in range(n)])
-        logits = logits_by.get("classifier")
-        if logits is None:
-            images = torch.stack([ds[i]["image"] for i in range(n)])
-            logits = extract_all(judge, images, batch_size=cfg.batch_size, device=device)[1]
-        row["class_accuracy"] = conditional_accuracy(logits, labels)
+    features = real_features(cfg, extractors, cache, dm, cfg.reference_split, n, device)
+    labels = (
+        (lambda: np.array([ds[i]["label"] for i in range(n)])) if getattr(dm, "num_classes", None) else None
+    )
+    images = lambda: torch.stack([ds[i]["image"] for i in range(n)])  # noqa: E731 - decoded only when needed
+    row.update(score_set(cfg, features, real, judge, labels, images, device=device))
     return row
 
 
@@ -264,7 +270,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     _check(cfg)
     device = resolve_device(cfg.device)
     model, config = load_system(cfg.ckpt, device=device)  # refuses checkpoints of other systems
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"  # <run>/eval
     try:
         (out / "samples").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -282,18 +288,50 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     cache = RealFeatureCache(cfg.cache_dir)
     real = {
-        name: cache.get(
-            ext,
-            ds,
-            description=describe_datamodule(dm),
-            split=cfg.split,
-            num_real=cfg.num_real,
-            batch_size=cfg.batch_size,
-            device=device,
-            progress=cfg.progress,
-        )[0]
-        for name, ext in extractors.items()
+        k: v[0] for k, v in real_features(cfg, extractors, cache, dm, cfg.split, cfg.num_real, device).items()
     }
+    setup = sampling_setup(cfg, model, ds, device=device)
+
+    rows: list[dict[str, Any]] = []
+    if cfg.reference_split is not None:
+        rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
+
+    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in setup["guidance_scales"]]
+    for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
+        data, stem = load_or_generate(cfg, model, out, setup, name, steps, g)
+        row: dict[str, Any] = {
+            "sampler": name,
+            "steps": steps,
+            "nfe": int(data["nfe"]),
+            "guidance_scale": g,
+            "num_samples": cfg.num_samples,
+            "seed": cfg.seed,
+            "sample_seconds": round(float(data["seconds"]), 2),
+        }
+        row.update(
+            score_cell(cfg, data, out / "features" / stem, extractors, real, judge, setup, device=device)
+        )
+        rows.append(row)
+        # after every cell, so an interrupted run keeps the rows it has
+        write_tables(rows, out, title=_title(cfg, ds, dm))
+    plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
+    info = {
+        "ckpt": str(cfg.ckpt),
+        "real_split": cfg.split,
+        "real_images": len(next(iter(real.values()))),
+        "data": describe_datamodule(dm),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "eval.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "metrics.md", out / "metrics_vs_nfe.png")
+    log_to_wandb(cfg, rows, out, train_config=config)
+    return rows
+
+
+def sampling_setup(cfg: DictConfig, model, ds, *, device) -> dict[str, Any]:
+    """What every cell samples with: balanced class `labels` or the split's `prompts`, the `guidance_scales` (1 for
+    an unguided model) and `guidance_opts`, the prompt `scorer`; what keys their cache (`ckpt_id`, `extra`)."""
+    num_classes = model.num_classes
     text = model.is_text_conditional
     labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
     prompts = _prompts(ds, cfg.num_samples) if text else None
@@ -311,76 +349,48 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         "interval": "-".join(f"{v:g}" for v in guidance_opts.interval or []) or None,
         "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
     }
+    return dict(labels=labels, prompts=prompts, scorer=scorer, guidance_opts=guidance_opts, guidance_scales=guidance,
+                ckpt_id=ckpt_id, extra=extra)  # fmt: skip
 
-    rows: list[dict[str, Any]] = []
-    if cfg.reference_split is not None:
-        rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
 
-    cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in guidance]
-    for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
-        opts = dict(cfg.get("sampler_options") or {})
-        sampler = get_sampler(name, steps=steps, **opts)
-        stem = cell_name(name, steps, g, cfg.seed, cfg.num_samples)
-        if opts:  # options change the samples: keep their cache apart
-            stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(opts.items()))
-        stem += "".join(f"_{k}-{v}" for k, v in extra.items() if v is not None)
-        data = load_or_generate(
-            model,
-            out / "samples" / f"{stem}.npz",
-            sampler=sampler,
-            guidance_scale=g,
-            seed=cfg.seed,
-            num_samples=cfg.num_samples,
+def score_cell(
+    cfg: DictConfig, data: dict, features_stem: Path, extractors: dict, real: dict, judge, setup, *, device
+) -> dict[str, float]:
+    """Every configured metric of a cell's samples (features cached as `<features_stem>.<extractor>-<id>.npz`)."""
+    features = {
+        fname: fake_features(
+            ext,
+            data["images"],
+            features_stem.with_name(f"{features_stem.name}.{fname}-{ext.fingerprint[:12]}.npz"),
             batch_size=cfg.batch_size,
-            ckpt_id=ckpt_id,
-            labels=labels,
-            prompts=prompts,
-            progress=cfg.progress,
-            guidance_opts=guidance_opts,
+            device=device,
         )
-        row: dict[str, Any] = {
-            "sampler": name,
-            "steps": steps,
-            "nfe": int(data["nfe"]),
-            "guidance_scale": g,
-            "num_samples": cfg.num_samples,
-            "seed": cfg.seed,
-            "sample_seconds": round(float(data["seconds"]), 2),
-        }
-        logits_by = {}
-        for fname, ext in extractors.items():
-            feats, logits = fake_features(
-                ext,
-                data["images"],
-                out / "features" / f"{stem}.{fname}-{ext.fingerprint[:12]}.npz",
-                batch_size=cfg.batch_size,
-                device=device,
-            )
-            logits_by[fname] = logits
-            row.update(score_features(fname, real[fname], feats, logits, cfg))
-        if "class_accuracy" in cfg.metrics and judge is not None and "labels" in data:
-            judge_logits = logits_by.get("classifier")
-            if judge_logits is None:
-                judge_logits = extract_all(judge, data["images"], batch_size=cfg.batch_size, device=device)[1]
-            row["class_accuracy"] = conditional_accuracy(judge_logits, data["labels"])
-        if scorer is not None:
-            images = uint8_to_images(data["images"]).to(device)
-            row["prompt_adherence"] = float(scorer(images, [str(p) for p in data["prompts"]]).float().mean())
-        rows.append(row)
-        # after every cell, so an interrupted run keeps the rows it has
-        write_tables(rows, out, title=_title(cfg, ds, dm))
-    plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
-    info = {
-        "ckpt": str(cfg.ckpt),
-        "real_split": cfg.split,
-        "real_images": len(next(iter(real.values()))),
-        "data": describe_datamodule(dm),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        for fname, ext in extractors.items()
     }
-    (out / "eval.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "metrics.md", out / "metrics_vs_nfe.png")
-    log_to_wandb(cfg, rows, out, train_config=config)
-    return rows
+    labels = (lambda: data["labels"]) if "labels" in data else None
+    row = score_set(cfg, features, real, judge, labels, lambda: data["images"], device=device)
+    if setup["scorer"] is not None:
+        images = uint8_to_images(data["images"]).to(device)
+        row["prompt_adherence"] = float(
+            setup["scorer"](images, [str(p) for p in data["prompts"]]).float().mean()
+        )
+    return row
+
+
+def score_set(
+    cfg: DictConfig, features: dict, real: dict, judge, labels, images, *, device
+) -> dict[str, float]:
+    """The metrics of one image set from its (features, logits) per extractor; class accuracy from the judge's
+    logits (the `classifier` extractor's, else computed on `images()`) against `labels()` when there are any."""
+    row: dict[str, float] = {}
+    for fname, (feats, logits) in features.items():
+        row.update(score_features(fname, real[fname], feats, logits, cfg))
+    if "class_accuracy" in cfg.metrics and judge is not None and labels is not None:
+        logits = features["classifier"][1] if "classifier" in features else None
+        if logits is None:
+            logits = extract_all(judge, images(), batch_size=cfg.batch_size, device=device)[1]
+        row["class_accuracy"] = conditional_accuracy(logits, labels())
+    return row
 
 
 def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -403,8 +413,8 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
         if i:  # the real-data reference row once
             one.reference_split = None
         rows += [{"sigma_rel": sigma_rel if r["nfe"] else None, **r} for r in evaluate(one)]
-    metrics = columns_of(rows, ("sigma_rel", *KEY_COLUMNS, *INFO_COLUMNS))
-    columns = ["sigma_rel", *KEY_COLUMNS, *metrics, *INFO_COLUMNS]
+    metrics = columns_of(rows, ("sigma_rel", *EVAL_KEYS, *EVAL_INFO))
+    columns = ["sigma_rel", *EVAL_KEYS, *metrics, *EVAL_INFO]
     write_csv(rows, out / "metrics_vs_sigma_rel.csv", columns=columns)
     lines = [f"# {cfg.ckpt}: post-hoc EMA lengths", "", *markdown_table(rows, columns)]
     (out / "metrics_vs_sigma_rel.md").write_text("\n".join(lines) + "\n")
@@ -419,7 +429,7 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
 def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, train_config: dict) -> None:
     """`logger=wandb`: the metrics as a wandb Table (`eval/metrics`), the plot and both configs, in the wandb
     group of the checkpoint's sweep when it came from one (`python -m diffusion_lab.train -m ...`)."""
-    from diffusion_lab.train import sweep_group
+    from diffusion_lab.instantiate import sweep_group
 
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
@@ -441,7 +451,7 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, *, trai
             kwargs["name"] = f"evaluate/{run_dir.name}"[:128]
         logger = instantiate(node, **kwargs)
         logger.log_hyperparams({"evaluate": OmegaConf.to_container(cfg, resolve=True), "train": train_config})
-        columns = [*KEY_COLUMNS, *columns_of(rows, (*KEY_COLUMNS, *INFO_COLUMNS)), *INFO_COLUMNS]
+        columns = [*EVAL_KEYS, *columns_of(rows, (*EVAL_KEYS, *EVAL_INFO)), *EVAL_INFO]
         logger.log_table(
             key="eval/metrics", columns=columns, data=[[r.get(c) for c in columns] for r in rows]
         )
@@ -465,8 +475,8 @@ def _title(cfg: DictConfig, ds, dm) -> str:
 # ------------------------------------------------------------------------------------------------ outputs
 def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluation") -> None:
     """metrics.csv (all values) and metrics.md (the table, plus FID by sampler x steps per extractor)."""
-    metrics = columns_of(rows, (*KEY_COLUMNS, *INFO_COLUMNS))
-    columns = [*KEY_COLUMNS, *metrics, *INFO_COLUMNS]
+    metrics = columns_of(rows, (*EVAL_KEYS, *EVAL_INFO))
+    columns = [*EVAL_KEYS, *metrics, *EVAL_INFO]
     write_csv(rows, out / "metrics.csv", columns=columns)
     lines = [f"# {title}", "", *markdown_table(rows, columns)]
     refs = [r for r in rows if r["nfe"] == 0]

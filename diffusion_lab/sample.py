@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.checkpoints import load_system
+from diffusion_lab.cli import exit_on_user_error
 from diffusion_lab.console import quiet
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.files import write_text_atomic, writing
 from diffusion_lab.generate import balanced_labels, generate_all, guidance_options, resolve_device
 from diffusion_lab.images import save_grid
-from diffusion_lab.validation import exit_on_user_error
 
 log = logging.getLogger(__name__)
 

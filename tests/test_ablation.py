@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion_lab.train import build_loggers, sweep_group, sweep_logger_kwargs
+from diffusion_lab.instantiate import build_loggers, sweep_group, sweep_logger_kwargs
 
 from conftest import CONF_DIR, TINY
 from conftest import compose as compose_train

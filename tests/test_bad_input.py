@@ -18,11 +18,12 @@ from hydra.errors import InstantiationException
 from PIL import Image
 
 from diffusion_lab.checkpoints import CheckpointError
+from diffusion_lab.cli import exit_on_user_error, one_line
+from diffusion_lab.config_types import ConfigError, check_config
 from diffusion_lab.data.base import CorruptImageError, DatasetNotFoundError
 from diffusion_lab.data.folder import ImageFolderDataModule
 from diffusion_lab.sample import sample
 from diffusion_lab.train import train
-from diffusion_lab.validation import ConfigError, check_config, exit_on_user_error, one_line
 
 from conftest import CONF_DIR, TINY, compose
 

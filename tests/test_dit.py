@@ -174,7 +174,7 @@ def test_float_noise_levels_classes_null_class_and_masked_context():
 def test_every_net_config_builds_a_denoising_net_and_systems_refuse_others():
     nets = sorted(Path(CONF_DIR, "model", "net").glob("*.yaml"))
     assert {"unet", "unet_small", "unet_fashion", "dit_tiny", "dit_s"} <= {p.stem for p in nets}
-    from diffusion_lab.validation import locate
+    from diffusion_lab.imports import locate
 
     for path in nets:
         cfg = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
@@ -193,7 +193,7 @@ def test_an_experiments_unet_setting_under_a_dit_says_how_to_drop_it():
     DiT is one line that says how to drop it."""
     from omegaconf import OmegaConf
 
-    from diffusion_lab.validation import config_errors
+    from diffusion_lab.config_types import config_errors
 
     def errors(overrides):
         cfg = compose("train", ["experiment=fashion_mnist", *overrides], Path("unused"))

@@ -494,9 +494,9 @@ def test_data_sets_text_encoders_and_feature_extractors_have_their_yaml_and_back
 
     import diffusion_lab.data
     from diffusion_lab.data.base import BaseDataModule
+    from diffusion_lab.imports import locate
     from diffusion_lab.metrics.features import FEATURE_EXTRACTORS
     from diffusion_lab.nets.text import TextEncoder
-    from diffusion_lab.validation import locate
 
     from conftest import compose
 

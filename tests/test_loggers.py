@@ -11,23 +11,27 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from run_if import RunIf, installed
 
 import diffusion_lab.train as train_module
 from diffusion_lab.train import train
 
 from conftest import CONF_DIR, TINY
 
-pytest.importorskip("tensorboard", reason="pip install 'diffusion_lab[tensorboard]'")
-pytest.importorskip("mlflow", reason="pip install 'diffusion_lab[mlflow]'")
+TENSORBOARD = RunIf("tensorboard", reason="pip install 'diffusion_lab[tensorboard]'")
+MLFLOW = RunIf("mlflow", reason="pip install 'diffusion_lab[mlflow]'")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    """One tiny run with CSV, TensorBoard, wandb (offline) and MLflow (file store); wandb's run config and
-    summary are read just before the run is finished (offline runs keep them only in a binary log)."""
+    """One tiny run with CSV, TensorBoard, wandb (offline) and MLflow (file store), less those not installed;
+    wandb's run config and summary are read just before the run is finished (offline runs keep them only in a
+    binary log)."""
     out = tmp_path_factory.mktemp("many")
+    absent = [f"~logger.{name}" for name in ("tensorboard", "mlflow") if not installed(name)]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", [*TINY, "logger=many", f"paths.output_dir={out}"], return_hydra_config=True)
+        overrides = [*TINY, "logger=many", *absent, f"paths.output_dir={out}"]
+        cfg = compose("train", overrides, return_hydra_config=True)
     wandb_seen: dict = {}
     finish = train_module.finish_wandb
 
@@ -73,6 +77,7 @@ def test_wandb_gets_the_config_once_and_the_summary(run):
     assert len(media) == 2  # the grids of steps 2 and 4
 
 
+@TENSORBOARD
 def test_tensorboard_has_scalars_grids_and_hparams_with_the_final_figures(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -99,6 +104,7 @@ def test_tensorboard_has_scalars_grids_and_hparams_with_the_final_figures(run):
     assert start.hparams["model/objective"].string_value == "flow"
 
 
+@MLFLOW
 def test_mlflow_file_store_holds_params_metrics_grids_and_summary(run):
     from mlflow.tracking import MlflowClient
 

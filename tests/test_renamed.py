@@ -59,7 +59,7 @@ def test_old_python_names_fail_naming_the_new(module, name, new):
 
 
 def test_a_config_file_setting_an_old_key_fails_naming_the_new():
-    from diffusion_lab.validation import ConfigError, check_config
+    from diffusion_lab.config_types import ConfigError, check_config
 
     config = {"model": {"prediction_type": "v"}, "noise": {"name": "cosine"}}
     with pytest.raises(ConfigError) as info:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,72 +20,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
-from diffusion_lab.files import (
-    HashingWriter,
-    checksum_path,
-    describe_write_error,
-    readable_by_default,
-    write_checksum,
-)
+from diffusion_lab.files import TEMP_SUFFIX, atomic_save, checksum_path, describe_write_error
 
 log = logging.getLogger(__name__)
 
-TEMP_SUFFIX = ".partial"
 _PROCESS_START = time.time()
 WEIGHT_KEYS = ("state_dict", "current_model_state")  # EMAWeightAveraging keeps the raw weights in the second
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(
-    obj: Any,
-    path: str | os.PathLike,
-    *,
-    save: Callable[[Any, Any], None] | None = None,
-    checksum: bool = False,
-) -> None:
-    """Write `obj` to `path` so that `path` holds either the old or the complete new file, never a partial one.
-
-    The bytes go to a hidden temp file in the same folder (`.NAME.XXXX.partial`, so the rename cannot cross a
-    filesystem), are fsynced, and replace `path` with `os.replace`; the folder is fsynced after the rename.
-    `checksum`: the SHA-256 of the bytes (hashed while writing) is recorded in `NAME.sha256` before the rename
-    (`diffusion_lab.files.write_checksum`). On any error the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
-    writer = None
-    try:
-        readable_by_default(fd)
-        with os.fdopen(fd, "wb") as f:
-            writer = HashingWriter(f)
-            (save or torch.save)(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        if checksum:
-            write_checksum(path, writer.sha256.hexdigest())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if writer is not None and writer.error is not None and not isinstance(e, OSError):
-            raise writer.error from e  # a full disk, not torch's "unexpected pos" that followed it
-        raise
-    _fsync_dir(path.parent)
 
 
 def remove_stale_temp_files(

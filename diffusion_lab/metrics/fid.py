@@ -11,10 +11,10 @@ settings of the data module), the split's size and a sample of its images, the e
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from diffusion_lab.files import atomic_save
+from diffusion_lab.files import cache_dir as default_cache_root
 from diffusion_lab.metrics.features import FeatureExtractor, extract_all
-from diffusion_lab.metrics.perceptual import cache_dir as default_cache_root
 
 log = logging.getLogger(__name__)
 # data module attributes that are not part of the data's identity: loader settings and the built splits
@@ -216,14 +217,7 @@ class RealFeatureCache:
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez to `path` atomically (a temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """np.savez to `path` atomically (`files.atomic_save`)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_save(buffer.getvalue(), path)
