@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion_lab.checkpoints import load_system
+from diffusion_lab.checkpoints import load_system, trust_from_config
 from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
@@ -50,6 +50,7 @@ from diffusion_lab.tables import (
     plot_metrics_vs_nfe,
     write_csv,
 )
+from diffusion_lab.validation import exit_on_user_error
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
@@ -257,6 +258,7 @@ def reference_row(
     return row
 
 
+@trust_from_config
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Score every (sampler, steps, guidance) cell; write metrics.csv / .md / _vs_nfe.png; return the rows."""
     if cfg.get("sigma_rels"):
@@ -495,7 +497,8 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
 def main(cfg: DictConfig) -> None:
     quiet()
     torch.set_float32_matmul_precision("high")
-    evaluate(cfg)
+    with exit_on_user_error():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
 from diffusion_lab.callbacks.progress import StepProgressBar
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
-from diffusion_lab.checkpoints import check_resume
+from diffusion_lab.checkpoints import check_resume, trust_from_config
 from diffusion_lab.console import print_config_tree, quiet
 from diffusion_lab.run_folder import (
     AlreadyFinished,
@@ -115,6 +115,7 @@ def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_
     return out
 
 
+@trust_from_config  # trust_checkpoint=true: ckpt_path / auto_resume / *_ckpt read with full unpickling
 def train(
     cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
 ) -> dict[str, Any]:

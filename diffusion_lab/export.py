@@ -1,0 +1,114 @@
+"""Checkpoints to share: `python -m diffusion_lab.export ckpt=... out=model.safetensors` (EMA weights + run config)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from diffusion_lab.callbacks.checkpoint import atomic_save
+from diffusion_lab.checkpoints import (
+    EXPORT_KEYS,
+    SAFETENSORS_SUFFIX,
+    read_checkpoint,
+    run_config,
+    to_safetensors,
+    weights_to_sample,
+)
+
+log = logging.getLogger(__name__)
+
+
+def write_safetensors(ckpt: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a sampling checkpoint (its `EXPORT_KEYS`: weights, run config, autoencoder block) as safetensors,
+    atomically and with its SHA-256 beside it; `read_checkpoint` reads it back."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        raise ValueError(f"the export must be a {SAFETENSORS_SUFFIX} file, got {path}")
+    tensors, metadata = to_safetensors(ckpt)
+    atomic_save(None, path, save=lambda _, f: f.write(save(tensors, metadata)), checksum=True)
+    return path
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write the weights `sample` uses (the EMA ones), the run config and the other blocks sampling needs, no
+    optimizer or other training state, from checkpoint `ckpt` to `out` (default: beside it, `.safetensors`)."""
+    data = read_checkpoint(ckpt)
+    run_config(data, ckpt)  # a diffusion_lab training checkpoint (or an export of one)
+    shared = {k: data[k] for k in EXPORT_KEYS if k in data}
+    shared["state_dict"] = weights_to_sample(data, ckpt)
+    out = Path(out) if out else Path(ckpt).with_suffix(SAFETENSORS_SUFFIX)
+    write_safetensors(shared, out)
+    log.info("exported %s (%.1f MB) -> %s (%.1f MB)", ckpt, _mb(ckpt), out, _mb(out))
+    return out
+
+
+def time_loading(ckpt: str | os.PathLike, *, repeats: int = 5) -> dict[str, Any]:
+    """Median seconds `read_checkpoint` takes on `ckpt` and on its export (written to a temp folder), and the
+    two file sizes: what `python -m diffusion_lab.bench --load-time CKPT` reports."""
+    out: dict[str, Any] = {"ckpt": str(ckpt), "repeats": repeats}
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export(ckpt, Path(tmp) / Path(ckpt).with_suffix(SAFETENSORS_SUFFIX).name)
+        for name, path in (("ckpt", Path(ckpt)), ("safetensors", exported)):
+            read_checkpoint(path)  # warm: the page cache holds both files
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                read_checkpoint(path)
+                seconds.append(time.perf_counter() - start)
+            out[name] = {"mb": round(_mb(path), 3), "load_s_median": statistics.median(seconds)}
+    out["speedup"] = out["ckpt"]["load_s_median"] / out["safetensors"]["load_s_median"]
+    return out
+
+
+def format_load_times(result: Mapping[str, Any]) -> str:
+    """`time_loading`'s result as a markdown table."""
+    rows = [
+        f"| {name} | {result[name]['mb']:.2f} | {result[name]['load_s_median'] * 1e3:.1f} |"
+        for name in ("ckpt", "safetensors")
+    ]
+    return "\n".join(
+        [
+            f"load time of {result['ckpt']} and its export (read_checkpoint, median of {result['repeats']}):",
+            "",
+            "| file | MB | load ms |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"safetensors loads {result['speedup']:.1f}x faster",
+        ]
+    )
+
+
+def _mb(path: str | os.PathLike) -> float:
+    return Path(path).stat().st_size / 2**20
+
+
+def main() -> None:
+    import hydra
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from diffusion_lab.checkpoints import trusted_checkpoints
+    from diffusion_lab.console import quiet
+    from diffusion_lab.validation import exit_on_user_error
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="export")
+    def _main(cfg) -> None:
+        quiet()
+        errors = (InstantiationException, OmegaConfBaseException)
+        with exit_on_user_error(errors), trusted_checkpoints(cfg.get("trust_checkpoint", False)):
+            print(export(cfg.ckpt, cfg.out))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
