@@ -85,7 +85,7 @@ def read_checkpoint(
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
-        raise UnsafeCheckpointError(refusal(path, e, what=what)) from None
+        raise refusal(path, e, what=what) from None
     except Exception as e:  # truncated, not a torch file, ...
         raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict):
@@ -133,18 +133,20 @@ def trust_from_config(entry: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def refusal(path: str | os.PathLike, error: BaseException, *, what: str = "checkpoint") -> str:
-    """The one line refusing a file that weights-only loading rejected, naming what it wanted to unpickle."""
+def refusal(path: str | os.PathLike, error: BaseException, *, what: str = "checkpoint") -> CheckpointError:
+    """The one-line error for a file that weights-only loading rejected: UnsafeCheckpointError naming the global
+    it wanted to unpickle (a class, a function); else (bytes that are no pickle at all) CheckpointError."""
     text = str(error)
     if m := _GLOBAL.search(text):
-        wanted = f"the global {m.group(1)!r}"
-    else:
-        detail = [line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line]
-        wanted = detail[0].split(":", 1)[-1].strip() if detail else text.splitlines()[0] if text else "?"
-    return (
-        f"refusing to load {what} {path}: it wants to unpickle {wanted}, which is not a tensor or a plain value "
-        "(unpickling it could run code). Load it only if you trust who made the file: trust_checkpoint=true"
+        return UnsafeCheckpointError(
+            f"refusing to load {what} {path}: it wants to unpickle the global {m.group(1)!r}, which is not a tensor"
+            " or a plain value (unpickling it could run code). Load it only if you trust who made the file:"
+            " trust_checkpoint=true"
+        )
+    detail = " ".join(
+        text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].split()
     )
+    return CheckpointError(f"cannot read {what} {path}: not a checkpoint (weights-only unpickler: {detail})")
 
 
 # ------------------------------------------------------------------------------------ safetensors

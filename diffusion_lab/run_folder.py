@@ -97,6 +97,11 @@ def resume_point(path: str | os.PathLike) -> ResumePoint:
     ckpt = read_checkpoint(path, mmap=True)
     if "global_step" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no global_step): cannot resume from it")
+    if "optimizer_states" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds no training state (optimizer, loops): an export or a post-hoc EMA reconstruction is"
+            " for sampling; resume from a checkpoint the run wrote"
+        )
     finished = bool(
         ((ckpt.get("callbacks") or {}).get("FinalCheckpoint") or {}).get("training_finished", False)
     )

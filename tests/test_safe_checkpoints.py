@@ -386,4 +386,18 @@ def test_a_legacy_checkpoint_exported_samples_its_stored_images(tmp_path):
 def test_load_time_benchmark_reports_both_files(runs):
     result = time_loading(runs["diffusion"] / "checkpoints" / "last.ckpt", repeats=2)
     assert result["safetensors"]["mb"] < result["ckpt"]["mb"]
-    assert result["ckpt"]["load_s_median"] > 0 and result["safetensors"]["load_s_median"] > 0
+    assert all(
+        result[name][t] > 0
+        for name in ("ckpt", "safetensors")
+        for t in ("read_checkpoint_s", "deserialize_s")
+    )
+
+
+def test_an_export_is_for_sampling_not_for_resuming(runs, tmp_path):
+    from diffusion_lab.checkpoints import CheckpointError
+
+    exported = export(runs["diffusion"] / "checkpoints" / "last.ckpt", tmp_path / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match="holds no training state .* resume from a checkpoint the run wrote"
+    ):
+        train(compose("train", [*QUICK, "trainer.max_steps=8", f"ckpt_path={exported}"], tmp_path / "run"))

@@ -23,7 +23,6 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from diffusion_lab.checkpoints import (
     CheckpointError,
-    UnsafeCheckpointError,
     checkpoints_trusted,
     read_checkpoint,
     refusal,
@@ -175,7 +174,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     path, map_location=map_location, weights_only=not checkpoints_trusted()
                 )
             except pickle.UnpicklingError as e:
-                raise UnsafeCheckpointError(refusal(path, e)) from None
+                raise refusal(path, e) from None
         return read_checkpoint(path, map_location=map_location or (lambda storage, loc: storage))
 
     def remove_checkpoint(self, path: Any) -> None:
