@@ -258,19 +258,24 @@ ENTRY_POINTS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
-def test_every_entry_point_refuses_a_pickle_that_runs_code_in_one_line(runs, tmp_path, entry):
+def test_every_entry_point_refuses_a_pickle_that_runs_code_in_one_line(runs, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     marker = tmp_path / "marker"
     bad = trojan(tmp_path / "bad.ckpt", marker, like=runs["diffusion"] / "checkpoints" / "last.ckpt")
     points = _entry_points(runs, bad, tmp_path)
     assert sorted(points) == sorted(ENTRY_POINTS)
-    module, args = points[entry]
-    r = _cli(module, *args, cwd=tmp_path)
-    out = r.stdout + r.stderr
-    errors = [line for line in out.splitlines() if "error:" in line]
-    assert r.returncode == 1, out[-3000:]
-    assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
-    assert "refusing to load" in errors[0] and "'exec'" in errors[0] and "trust_checkpoint=true" in errors[0]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # ten CLI starts, four at a time
+        done = dict(
+            zip(points, pool.map(lambda e: _cli(e[0], *e[1], cwd=tmp_path), points.values()), strict=True)
+        )
+    for entry, r in done.items():
+        out = r.stdout + r.stderr
+        errors = [line for line in out.splitlines() if "error:" in line]
+        assert r.returncode == 1, f"{entry}: {out[-3000:]}"
+        assert len(errors) == 1 and "Traceback" not in out, f"{entry}: {out[-3000:]}"
+        assert "refusing to load" in errors[0] and "'exec'" in errors[0], f"{entry}: {errors[0]}"
+        assert "trust_checkpoint=true" in errors[0], f"{entry}: {errors[0]}"
     assert not marker.exists()
 
 
