@@ -724,7 +724,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-sampling", action="store_true")
     parser.add_argument("--no-framework", action="store_true")
     parser.add_argument("--out", default="outputs/bench/bench.json", help="JSON file (a .md table beside it)")
+    parser.add_argument(
+        "--load-time", metavar="CKPT", help="time loading CKPT vs its safetensors export, nothing else"
+    )
     args = parser.parse_args(argv)
+    if args.load_time:
+        from diffusion_lab.export import format_load_times, time_loading
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        loads = time_loading(args.load_time, repeats=args.repeats)
+        print(format_load_times(loads))
+        return loads
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import logging
 import os
-from collections.abc import Mapping
+import pickle
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,6 +22,7 @@ from diffusion_lab.nets.autoencoder import AutoencoderKL
 from diffusion_lab.nets.classifier import ConvClassifier
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHECKPOINT_KEY = "diffusion_lab"  # the block holding the resolved run config (callbacks.run_config.RunConfig)
 AUTOENCODER_KEY = "autoencoder"  # the self-contained block a stage-1 (or latent) checkpoint carries
@@ -49,7 +55,13 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """A checkpoint file as a dict, its SHA-256 verified when one was written beside it (files without one pass);
     CheckpointError (one line) when missing, changed on disk, truncated or not a dict. `mmap`: tensors stay
-    memory-mapped (cheap for metadata, config and shapes)."""
+    memory-mapped (cheap for metadata, config and shapes).
+
+    Read weights-only (`torch.load(weights_only=True)`: tensors and plain Python values, which is all this
+    framework writes): a file whose pickle names anything else (a class, a function: code that unpickling would
+    run) is refused with UnsafeCheckpointError naming it, unless `trusted_checkpoints(True)` is in force (the
+    entry points' `trust_checkpoint=true`). A `.safetensors` export (`diffusion_lab.export`) reads as the
+    checkpoint it was made from, without its training state."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFound(f"{what} not found: {path}" + (f". {hint}." if hint else ""))
@@ -57,18 +69,173 @@ def read_checkpoint(
         verify_checksum(path)
     except CorruptFileError as e:
         raise CheckpointError(f"checkpoint {e}") from e
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return read_safetensors(path, what=what, map_location=map_location)
+    trust = checkpoints_trusted()
+    if trust:
+        log.warning(
+            "trust_checkpoint=true: loading %s with full unpickling, which runs any code the file carries",
+            path,
+        )
     try:
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+            ckpt = torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
         except RuntimeError as e:  # mmap needs the zip format (torch >= 1.6); an older file is read whole
             if not mmap or "mmap" not in str(e):
                 raise
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+            ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+        raise refusal(path, e, what=what) from None
     except Exception as e:  # truncated, not a torch file, ...
         raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (it holds a {type(ckpt).__name__})")
     return ckpt
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle needs more than weights-only loading allows (it could run code)."""
+
+
+_trust_checkpoints = False  # set by `trusted_checkpoints` (the entry points' trust_checkpoint=true)
+
+
+def checkpoints_trusted() -> bool:
+    """Whether checkpoints are read with full unpickling now (`trusted_checkpoints(True)` in force)."""
+    return _trust_checkpoints
+
+
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+@contextmanager
+def trusted_checkpoints(trust: bool) -> Iterator[None]:
+    """Within this block, `read_checkpoint` unpickles fully (`trust`) or weights-only (the default)."""
+    global _trust_checkpoints
+    if not isinstance(trust, bool):
+        raise ValueError(f"trust_checkpoint must be true or false, got {trust!r}")
+    before, _trust_checkpoints = _trust_checkpoints, trust
+    try:
+        yield
+    finally:
+        _trust_checkpoints = before
+
+
+def trust_from_config(entry: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for an entry point whose first argument is its config: runs it with `trust_checkpoint`
+    (default false) in force for every checkpoint it reads (ckpt, guide, classifier, autoencoder, text encoder)."""
+
+    @functools.wraps(entry)
+    def run(cfg, *args: Any, **kwargs: Any) -> T:
+        with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
+            return entry(cfg, *args, **kwargs)
+
+    return run
+
+
+def refusal(path: str | os.PathLike, error: BaseException, *, what: str = "checkpoint") -> CheckpointError:
+    """The one-line error for a file that weights-only loading rejected: UnsafeCheckpointError naming the global
+    it wanted to unpickle (a class, a function); else (bytes that are no pickle at all) CheckpointError."""
+    text = str(error)
+    if m := _GLOBAL.search(text):
+        return UnsafeCheckpointError(
+            f"refusing to load {what} {path}: it wants to unpickle the global {m.group(1)!r}, which is not a tensor"
+            " or a plain value (unpickling it could run code). Load it only if you trust who made the file:"
+            " trust_checkpoint=true"
+        )
+    detail = " ".join(
+        text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].split()
+    )
+    return CheckpointError(f"cannot read {what} {path}: not a checkpoint (weights-only unpickler: {detail})")
+
+
+# ------------------------------------------------------------------------------------ safetensors
+SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_FORMAT = "diffusion_lab.export/1"
+EXPORT_KEYS = ("state_dict", CHECKPOINT_KEY, AUTOENCODER_KEY, "global_step", "epoch", "phema")
+TRAINING_STATE = (  # what a checkpoint for sampling leaves out (exports, post-hoc EMA reconstructions)
+    "optimizer_states",
+    "lr_schedulers",
+    "callbacks",
+    "loops",
+    "current_model_state",
+    "averaging_state",
+)
+
+
+def to_safetensors(ckpt: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a sampling checkpoint's `EXPORT_KEYS`: every tensor under its path of keys joined
+    by "/" (`state_dict/net.conv_in.weight`), stored once when several entries are the same tensor (a latent
+    model's autoencoder weights sit in `state_dict` and in the `autoencoder` block); the rest as JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+
+    def walk(node: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in node.items():
+            if not isinstance(k, str) or "/" in k:
+                raise CheckpointError(
+                    f"cannot export the key {k!r} under {prefix!r}: keys must be texts without '/'"
+                )
+            name = f"{prefix}/{k}" if prefix else k
+            if isinstance(v, Mapping):
+                out[k] = walk(v, name)
+            elif not isinstance(v, torch.Tensor):
+                out[k] = v
+            elif (
+                same := (v.untyped_storage().data_ptr(), v.storage_offset(), v.shape, v.stride(), v.dtype)
+            ) in seen:
+                aliases[name] = seen[same]
+            else:  # safetensors stores no shared or strided memory: a view of a stored storage is copied
+                t = v.detach().cpu()
+                tensors[name] = t.clone() if same[0] in storages or not t.is_contiguous() else t
+                seen[same] = name
+                storages.add(same[0])
+        return out
+
+    rest = walk({k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}, "")
+    try:
+        text = json.dumps(rest)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot export the checkpoint's config and metadata as JSON: {e}") from e
+    metadata = {"format": SAFETENSORS_FORMAT, "checkpoint": text, "aliases": json.dumps(aliases)}
+    return tensors, metadata
+
+
+def from_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The checkpoint dict `to_safetensors` took apart."""
+    ckpt = json.loads(metadata["checkpoint"])
+    aliases = json.loads(metadata.get("aliases") or "{}")
+    for name in [*tensors, *aliases]:
+        *parents, leaf = name.split("/")
+        node = ckpt
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = tensors[aliases.get(name, name)]
+    return ckpt
+
+
+def read_safetensors(path: Path, *, what: str = "checkpoint", map_location: Any = "cpu") -> dict[str, Any]:
+    """A `diffusion_lab.export` file as the sampling checkpoint it holds (tensors, run config, autoencoder block)."""
+    from safetensors import SafetensorError, safe_open
+
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a diffusion_lab export (metadata format {metadata.get('format')!r}, expected"
+            f" {SAFETENSORS_FORMAT!r}): write one with `python -m diffusion_lab.export ckpt=... out=...`"
+        )
+    return from_safetensors(tensors, metadata)
 
 
 def run_config(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:

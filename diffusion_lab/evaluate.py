@@ -23,7 +23,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion_lab.checkpoints import load_system
+from diffusion_lab.checkpoints import load_system, trust_from_config
+from diffusion_lab.cli import exit_on_user_error
 from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
@@ -263,6 +264,7 @@ def reference_row(
     return row
 
 
+@trust_from_config
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Score every (sampler, steps, guidance) cell; write metrics.csv / .md / _vs_nfe.png; return the rows."""
     if cfg.get("sigma_rels"):
@@ -505,7 +507,8 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
 def main(cfg: DictConfig) -> None:
     quiet()
     torch.set_float32_matmul_precision("high")
-    evaluate(cfg)
+    with exit_on_user_error():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

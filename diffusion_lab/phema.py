@@ -23,28 +23,26 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.phema import SNAPSHOT_DIR, Snapshot, list_snapshots, load_snapshot
-from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
+from diffusion_lab.checkpoints import (
+    SAFETENSORS_SUFFIX,
+    TRAINING_STATE,
+    CheckpointError,
+    read_checkpoint,
+    trust_from_config,
+)
 from diffusion_lab.cli import exit_on_user_error
 from diffusion_lab.console import quiet
+from diffusion_lab.export import write_safetensors
 from diffusion_lab.files import atomic_save
 from diffusion_lab.power_ema import posthoc_coefficients, sigma_rel_to_gamma
 
 log = logging.getLogger(__name__)
 
-_TRAINING_STATE = (  # what a reconstructed checkpoint leaves out: it is for sampling, not for resuming
-    "optimizer_states",
-    "lr_schedulers",
-    "callbacks",
-    "loops",
-    "current_model_state",
-    "averaging_state",
-)
-
 
 # ------------------------------------------------------------------------------------------------ snapshots
-def output_name(step: int, sigma_rel: float) -> str:
-    """The file name of a reconstructed checkpoint."""
-    return f"phema-{step:07d}-{sigma_rel:.3f}.ckpt"
+def output_name(step: int, sigma_rel: float, suffix: str = ".ckpt") -> str:
+    """The file name of a reconstructed checkpoint (`suffix` .safetensors: an export, `diffusion_lab.export`)."""
+    return f"phema-{step:07d}-{sigma_rel:.3f}{suffix}"
 
 
 def select_snapshots(
@@ -107,7 +105,7 @@ def checkpoint_with_weights(
         )
     for name, w in weights.items():
         state[name] = w.to(state[name].dtype)
-    out = {k: v for k, v in template.items() if k not in _TRAINING_STATE}
+    out = {k: v for k, v in template.items() if k not in TRAINING_STATE}
     out.update(state_dict=state, global_step=int(info["step"]), phema=info)
     return out
 
@@ -120,6 +118,7 @@ def reconstruct(
     in_sigma_rels: Sequence[float] | None = None,
     template: str | Path | None = None,
     out_dir: str | Path | None = None,
+    suffix: str = ".ckpt",
 ) -> list[Path]:
     """Write one checkpoint per `sigma_rels` (`<out_dir>/phema-<step>-<sigma_rel>.ckpt`, default out_dir =
     ckpt_dir) holding the post-hoc EMA of that length, reconstructed from `<ckpt_dir>/phema/` snapshots; the
@@ -133,6 +132,11 @@ def reconstruct(
     base = read_checkpoint(template)
     weights, coef = reconstruct_weights(snapshots, step, sigma_rels)
     out_dir = Path(out_dir) if out_dir is not None else ckpt_dir
+    out_file = out_dir if out_dir.suffix == SAFETENSORS_SUFFIX else None
+    if out_file is not None and len(sigma_rels) != 1:
+        raise ValueError(
+            f"out={out_file} is one file: give one sigma_rel, or a folder (and format=safetensors)"
+        )
     paths = []
     for j, (sigma_rel, w) in enumerate(zip(sigma_rels, weights, strict=True)):
         info = {
@@ -144,8 +148,11 @@ def reconstruct(
                 {"file": s.path.name, "coefficient": float(coef[i, j])} for i, s in enumerate(snapshots)
             ],
         }
-        path = out_dir / output_name(step, sigma_rel)
-        atomic_save(checkpoint_with_weights(base, w, info), path, checksum=True)
+        path = out_file or out_dir / output_name(step, sigma_rel, suffix)
+        if path.suffix == SAFETENSORS_SUFFIX:
+            write_safetensors(checkpoint_with_weights(base, w, info), path)
+        else:
+            atomic_save(checkpoint_with_weights(base, w, info), path, checksum=True)
         log.info(
             "post-hoc EMA sigma_rel=%.3f at step %d from %d snapshots -> %s",
             sigma_rel,
@@ -180,13 +187,21 @@ def _made_from(path: Path, inputs: list[str], template: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        info = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("phema") or {}
-    except Exception:
+        info = read_checkpoint(path, mmap=True).get("phema") or {}
+    except CheckpointError:
         return False
     return [i["file"] for i in info.get("inputs", [])] == inputs and info.get("template") == str(template)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def output_format(name: str) -> str:
+    """`format=` of the CLI: ckpt (a torch checkpoint) or safetensors (an export, `diffusion_lab.export`)."""
+    if name not in ("ckpt", "safetensors"):
+        raise ValueError(f"format must be ckpt or safetensors, got {name!r}")
+    return name
+
+
+@trust_from_config
 def run(cfg: DictConfig) -> list[Path]:
     """The CLI's work on a composed `conf/phema.yaml`."""
     sigma_rels = cfg.sigma_rel if isinstance(cfg.sigma_rel, Sequence) else [cfg.sigma_rel]
@@ -204,6 +219,7 @@ def run(cfg: DictConfig) -> list[Path]:
         in_sigma_rels=None if cfg.in_sigma_rel is None else [float(s) for s in cfg.in_sigma_rel],
         template=cfg.template,
         out_dir=cfg.out,
+        suffix=f".{output_format(cfg.get('format', 'ckpt'))}",
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
+from diffusion_lab.checkpoints import CheckpointError, UnsafeCheckpointError, read_checkpoint
 from diffusion_lab.files import write_text_atomic, writing
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,11 @@ def resume_point(path: str | os.PathLike) -> ResumePoint:
     ckpt = read_checkpoint(path, mmap=True)
     if "global_step" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no global_step): cannot resume from it")
+    if "optimizer_states" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds no training state (optimizer, loops): an export or a post-hoc EMA reconstruction is"
+            " for sampling; resume from a checkpoint the run wrote"
+        )
     finished = bool(
         ((ckpt.get("callbacks") or {}).get("FinalCheckpoint") or {}).get("training_finished", False)
     )
@@ -105,11 +110,14 @@ def resume_point(path: str | os.PathLike) -> ResumePoint:
 
 def newest_checkpoint(run_dir: str | os.PathLike) -> ResumePoint | None:
     """The checkpoint of `<run>/checkpoints` at the highest step (the most recently written among equals) that
-    passes its checksum; damaged or unreadable ones are skipped with a warning. None when there is none."""
+    passes its checksum; damaged or unreadable ones are skipped with a warning, one that weights-only loading
+    refuses stops the run (UnsafeCheckpointError). None when there is none."""
     found = []
     for p in Path(run_dir, "checkpoints").glob("*.ckpt"):
         try:
             found.append((resume_point(p), p.stat().st_mtime_ns))
+        except UnsafeCheckpointError:  # not damage: a file that would run code is refused, not passed over
+            raise
         except (CheckpointError, OSError) as e:
             log.warning("skipping %s: %s", p, e)
     if not found:

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from diffusion_lab.checkpoints import load_system
+from diffusion_lab.checkpoints import load_system, trust_from_config
 from diffusion_lab.cli import exit_on_user_error
 from diffusion_lab.console import quiet
 from diffusion_lab.data.transforms import to_uint8
@@ -79,6 +79,7 @@ def warn_if_truncated(text_encoder, prompt: str) -> int:
     return dropped
 
 
+@trust_from_config
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Draw `cfg.n` samples; write `grid.png`, `samples.npz` and `sample.json` into the output folder."""
     n = number(cfg.n, "n", integer=True, minimum=1)

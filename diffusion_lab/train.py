@@ -28,7 +28,7 @@ from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
-from diffusion_lab.checkpoints import check_resume
+from diffusion_lab.checkpoints import check_resume, trust_from_config
 from diffusion_lab.cli import exit_on_user_error
 from diffusion_lab.config_types import check_config
 from diffusion_lab.console import print_config_tree, quiet
@@ -58,6 +58,7 @@ from diffusion_lab.run_folder import (
 log = logging.getLogger(__name__)
 
 
+@trust_from_config  # trust_checkpoint=true: ckpt_path / auto_resume / *_ckpt read with full unpickling
 def train(
     cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
 ) -> dict[str, Any]:

@@ -35,6 +35,7 @@ LAYERS = {
         "cli",
         "instantiate",
         "write_captions",
+        "export",
     ],
 }
 MAX_FUNCTION_LINES = 80

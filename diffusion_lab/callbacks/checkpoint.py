@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
+from diffusion_lab.checkpoints import CheckpointError, checkpoints_trusted, read_checkpoint, refusal
 from diffusion_lab.files import TEMP_SUFFIX, atomic_save, checksum_path, describe_write_error
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (CheckpointError) a checkpoint whose weights are not finite, and clearing temp files an earlier killed
     process left behind; a full disk is reported as such, the previous checkpoint kept. Remote paths (s3://, gs://...): Lightning's
     own fsspec transaction (object stores publish an upload only once it is complete). Reading a truncated or
-    foreign file fails with a one-line CheckpointError.
+    foreign file fails with a one-line CheckpointError; every read (the resume of `ckpt_path=` / `auto_resume`) is
+    weights-only (`checkpoints.read_checkpoint`), a file that needs more is refused unless trust_checkpoint=true.
     """
 
     def __init__(self, *, check_finite: bool = True) -> None:
@@ -100,8 +102,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from e
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None):
-        if not _is_local_file_protocol(str(path)):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if not _is_local_file_protocol(str(path)):  # weights-only there too (Lightning's default is not)
+            try:
+                return super().load_checkpoint(
+                    path, map_location=map_location, weights_only=not checkpoints_trusted()
+                )
+            except pickle.UnpicklingError as e:
+                raise refusal(path, e) from None
         return read_checkpoint(path, map_location=map_location or (lambda storage, loc: storage))
 
     def remove_checkpoint(self, path: Any) -> None:
