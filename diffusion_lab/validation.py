@@ -292,10 +292,8 @@ def exit_on_user_error(
         if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("error: %s", one_line(e))
-        if (
-            reraise
-        ):  # Hydra prints a CompactHydraException's message (here: nothing more) instead of a traceback
+        if reraise:  # a sweep records the failed job; Hydra prints this message, not a traceback
             from hydra.errors import CompactHydraException
 
-            raise CompactHydraException("") from e
+            raise CompactHydraException("(each failed job of the sweep logged its cause above)") from e
         sys.exit(1)

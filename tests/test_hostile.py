@@ -542,17 +542,28 @@ def test_the_advice_after_a_blow_up_names_a_checkpoint_with_finite_weights(world
     assert f"Resume from {tmp_path / 'step000002.ckpt'} (step 2" in advice and "last.ckpt" not in advice
 
 
-def test_a_second_ctrl_c_exits_130():
+def test_two_quick_ctrl_c_exit_130(tmp_path):
+    """The second Ctrl-C stops at once (no waiting for the step, no checkpoint), with the exit code of SIGINT."""
+    import os
     import signal
 
-    from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
+    import lightning as L
 
-    stop = GracefulStop(dirpath="unused")
-    stop._phase = "train"
-    stop._handle(signal.SIGINT, None)  # the first: stop after this step, saving
+    from diffusion_lab.callbacks.preemption import Interrupted
+    from diffusion_lab.train import train
+
+    from conftest import compose
+
+    class CtrlCTwice(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
     with pytest.raises(Interrupted) as e:
-        stop._handle(signal.SIGINT, None)  # the second: at once
-    assert e.value.code == 130
+        train(compose("train", [*QUICK, "trainer.max_steps=4"], tmp_path), extra_callbacks=[CtrlCTwice()])
+    assert e.value.code == 130 and "second SIGINT" in str(e.value)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 def test_prompt_words_outside_the_vocabulary_are_named(caplog):
