@@ -225,8 +225,9 @@ def run_training(
 
 
 def check_run_keys(config: dict[str, Any]) -> None:
-    """ConfigError (one line) for the top-level keys no constructor checks: `seed`, and `trainer.max_steps` (0
-    would train nothing; Lightning's message does not name the key)."""
+    """ConfigError (one line) naming the key, for the top-level keys no constructor checks (`seed`, `print_config`,
+    `auto_resume`) and the trainer values whose Lightning message does not name theirs (`trainer.max_time`;
+    `trainer.max_steps=0`, which would train nothing)."""
     seed = config.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"seed={seed!r} must be an integer (or null for a random one)")
@@ -393,7 +394,7 @@ def _float(x) -> float | None:
 class RunDirCheck(HydraCallback):
     """Hydra callback (conf/hydra/default.yaml): creates `hydra.run.dir` / `hydra.sweep.dir` (as Hydra would next;
     `${now:...}` is cached, so it is the same folder) and ends in one line and exit 1 when that fails, instead of
-    Hydra's traceback."""
+    Hydra's traceback; keeps the `.hydra/` records already there, for a refused command to put back."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
