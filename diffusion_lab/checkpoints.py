@@ -340,6 +340,24 @@ def weights_to_sample(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[
     return ckpt["state_dict"]
 
 
+def nonfinite_weights(state: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in a state_dict that hold a NaN or an inf."""
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
+def check_finite(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """CheckpointError (one line) when weights read from `path` hold NaN or inf: they would sample black images."""
+    if bad := nonfinite_weights(state):
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN/inf in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}):"
+            " damaged on disk, or saved after training diverged; use another checkpoint"
+        )
+
+
 def load_system(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild the trained diffusion system (EMA weights, eval mode) and its run config from a checkpoint alone."""
     from hydra.utils import instantiate  # the stored config names each constructor by its `_target_`
@@ -348,7 +366,9 @@ def load_system(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
     config = run_config(ckpt, path)
     check_generative(config, path)
     model = instantiate(standalone_model_config(config["model"], path), _convert_="all")
-    load_state_checked(model, weights_to_sample(ckpt, path), source=str(path))
+    weights = weights_to_sample(ckpt, path)
+    check_finite(weights, path)
+    load_state_checked(model, weights, source=str(path))
     model.eval().to(device)
     return model, config
 
@@ -418,6 +438,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[ConvClassifier, int, dict]
             f"expected {CLASSIFIER_SYSTEM} with a ConvClassifier net). {TRAIN_CLASSIFIER_HINT}."
         )
     net = ConvClassifier(**{k: v for k, v in net_cfg.items() if k != "_target_"})
+    check_finite(ckpt["state_dict"], path)
     load_state_checked(net, sub_state(ckpt["state_dict"], "net."), source=str(path))
     return net.eval(), int(model_cfg["image_size"]), config
 

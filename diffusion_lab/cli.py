@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,15 @@ def exit_on_user_error(
         if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("error: %s", one_line(e))
-        if reraise:
-            raise
+        if reraise:  # a sweep records the failed job; Hydra prints this message, not a traceback
+            from hydra.errors import CompactHydraException
+
+            raise CompactHydraException("(each failed job of the sweep logged its cause above)") from e
         sys.exit(1)
+
+
+def file_argument(value: Any, key: str) -> str:
+    """A CLI argument that names a file, as a string; ValueError naming `key` when it is no path at all."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"{key} must be a file path, got {value!r}")
+    return str(value)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import inspect
+import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from diffusion_lab.imports import ConfigError, locate
 from diffusion_lab.renamed import renamed_keys
@@ -54,6 +57,8 @@ def matches(value: Any, hint: Any) -> bool | None:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if hint is torch.Tensor and isinstance(value, (str, bool, list, tuple, Mapping)):
+        return False  # a config never holds a tensor: `lr: float | Tensor` given a word is wrong
     if isinstance(value, Mapping) and "_target_" in value:
         return None  # an object built by instantiate
     seq = (list, tuple, collections.abc.Sequence)
@@ -66,6 +71,49 @@ def matches(value: Any, hint: Any) -> bool | None:
     if hint in (dict, Mapping) or origin in (dict, collections.abc.Mapping):
         return isinstance(value, Mapping)
     return None
+
+
+def _positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+# what a value of these arguments must be, whichever constructor takes them (counts, sizes, rates, shares)
+LIMITS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    **dict.fromkeys(
+        (
+            "image_size",
+            "channels",
+            "in_channels",
+            "batch_size",
+            "base_channels",
+            "num_heads",
+            "num_res_blocks",
+            "num_classes",
+            "steps",
+            "num_samples",
+            "num_per_class",
+            "every_n_steps",
+            "patch_size",
+            "depth",
+            "dim",
+        ),
+        (">= 1", lambda v: v >= 1),
+    ),
+    **dict.fromkeys(("lr", "shift", "decay"), ("> 0", _positive)),
+    **dict.fromkeys(("num_workers", "weight_decay"), (">= 0", lambda v: math.isfinite(v) and v >= 0)),
+    **dict.fromkeys(("dropout", "cond_drop_prob"), ("in [0, 1)", lambda v: 0 <= v < 1)),
+}
+NON_EMPTY = ("channel_mult",)
+
+
+def _out_of_limits(name: str, value: Any) -> str | None:
+    """What `value` of an argument called `name` must be, when it is not (see LIMITS), else None."""
+    if name in NON_EMPTY and isinstance(value, (list, tuple)) and not value:
+        return "a non-empty list"
+    if name not in LIMITS or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    what, ok = LIMITS[name]
+    return None if ok(value) else what
 
 
 def _suggest(key: str, names: set[str]) -> str:
@@ -104,6 +152,8 @@ def config_errors(node: Any, key: str = "") -> list[str]:
                     errors.append(f"{where} is not an argument of {name} ({hint})")
                 elif k in hints and matches(v, hints[k]) is False:
                     errors.append(f"{where}={v!r} has the wrong type: {name} expects {_describe(hints[k])}")
+                elif (limit := _out_of_limits(str(k), v)) is not None:
+                    errors.append(f"{where}={v!r} is out of range: {name} needs {limit}")
         for k, v in node.items():
             if k not in HYDRA_KEYS:
                 errors += config_errors(v, f"{key}.{k}" if key else str(k))

@@ -12,19 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from diffusion_lab.checkpoints import load_system, trust_from_config
-from diffusion_lab.cli import exit_on_user_error
+from diffusion_lab.cli import exit_on_user_error, file_argument
 from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
@@ -43,6 +45,7 @@ from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid
 from diffusion_lab.metrics.kid import kernel_inception_distance
 from diffusion_lab.metrics.prdc import precision_recall
 from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
+from diffusion_lab.sample import number
 from diffusion_lab.tables import (
     EVAL_INFO,
     EVAL_KEYS,
@@ -76,15 +79,23 @@ def _check(cfg: DictConfig) -> None:
         get_sampler(s, steps=1)  # unknown names fail listing the choices
     if any(not isinstance(k, int) or k < 1 for k in names("steps")):
         raise ValueError(f"steps must be integers >= 1, got {list(cfg.steps)}")
-    if any(g < 0 for g in names("guidance_scales")):
+    if any(number(g, "guidance_scales") < 0 for g in names("guidance_scales")):
         raise ValueError(f"guidance_scales must be >= 0, got {list(cfg.guidance_scales)}")
     for f in names("features"):
         FEATURE_EXTRACTORS.get(f)
     unknown = sorted(set(names("metrics")) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid choices: {', '.join(METRICS)}")
-    if cfg.num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+    number(cfg.num_samples, "num_samples", integer=True, minimum=2)
+    for key in ("batch_size", "pr_k", "kid_subsets", "kid_subset_size"):
+        number(cfg[key], key, integer=True, minimum=1)
+    number(cfg.seed, "seed", integer=True)
+    if cfg.num_real is not None:
+        number(cfg.num_real, "num_real", integer=True, minimum=1)
+    if not isinstance(cfg.get("sampler_options") or {}, Mapping):
+        raise ValueError(
+            f"sampler_options must be a mapping, e.g. +sampler_options.grid=karras, got {cfg.sampler_options!r}"
+        )
     for key in ("split", "reference_split"):
         if cfg[key] not in SPLITS and not (key == "reference_split" and cfg[key] is None):
             raise ValueError(f"unknown {key} {cfg[key]!r}; valid choices: {', '.join(SPLITS)}")
@@ -270,6 +281,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("sigma_rels"):
         return evaluate_sigma_rels(cfg)
     _check(cfg)
+    file_argument(cfg.ckpt, "ckpt")
     device = resolve_device(cfg.device)
     model, config = load_system(cfg.ckpt, device=device)  # refuses checkpoints of other systems
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"  # <run>/eval
@@ -402,8 +414,10 @@ def evaluate_sigma_rels(cfg: DictConfig) -> list[dict[str, Any]]:
     from diffusion_lab.phema import posthoc_checkpoints
 
     sigma_rels = [
-        float(s) for s in (cfg.sigma_rels if isinstance(cfg.sigma_rels, Sequence) else [cfg.sigma_rels])
+        number(s, "sigma_rels")
+        for s in (cfg.sigma_rels if isinstance(cfg.sigma_rels, Sequence) else [cfg.sigma_rels])
     ]
+    file_argument(cfg.ckpt, "ckpt")
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
     rows: list[dict[str, Any]] = []
     for i, (sigma_rel, path) in enumerate(
@@ -505,9 +519,10 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    # bad input ends with one line `error: <cause>` and exit code 1 (DIFFUSION_LAB_TRACEBACK=1: full traceback)
     quiet()
     torch.set_float32_matmul_precision("high")
-    with exit_on_user_error():
+    with exit_on_user_error((InstantiationException, OmegaConfBaseException)):
         evaluate(cfg)
 
 

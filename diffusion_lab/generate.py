@@ -8,6 +8,7 @@ j mod world_size). The system decides the rest: its condition (`system.condition
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -66,12 +67,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def guidance_options(cfg: Mapping[str, Any], model, *, device: str | torch.device) -> Guidance:
     """The ``Guidance`` of a sample or evaluate config: guidance_rescale, guidance_interval and guide (the net of
     guide_ckpt); its scale is set per draw (``generate``'s guidance_scale)."""
-    interval = cfg.get("guidance_interval")
+    interval, rescale = cfg.get("guidance_interval"), cfg.get("guidance_rescale") or 0.0
+    if not _is_number(rescale) or not 0 <= rescale <= 1:
+        raise ValueError(f"guidance_rescale must be a number in [0, 1] (phi), got {rescale!r}")
+    if interval is not None and (
+        isinstance(interval, str)
+        or len(interval) != 2
+        or not all(_is_number(v) and v >= 0 for v in interval)
+        or not interval[0] < interval[1]
+    ):
+        raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo < hi (sigmas), got {interval!r}")
     return Guidance(
-        rescale=float(cfg.get("guidance_rescale") or 0.0),
+        rescale=float(rescale),
         interval=None if interval is None else tuple(float(v) for v in interval),
         guide=load_guide(cfg["guide_ckpt"], model, device=device) if cfg.get("guide_ckpt") else None,
     )

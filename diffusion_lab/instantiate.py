@@ -188,3 +188,8 @@ def check_model_fits_data(model: torch.nn.Module, datamodule: Any) -> None:
             f"model.net.num_classes={ours} is smaller than the data's {theirs} classes (labels 0..{theirs - 1}):"
             f" set it to {theirs} (or null for an unconditional model)"
         )
+    if ours is not None and theirs and ours > theirs:  # the extra classes would never be trained, yet sampled
+        raise ConfigError(
+            f"model.net.num_classes={ours} but the data has {theirs} classes (labels 0..{theirs - 1}):"
+            f" set model.net.num_classes={theirs} (or null for an unconditional model)"
+        )

@@ -204,20 +204,38 @@ def output_format(name: str) -> str:
 @trust_from_config
 def run(cfg: DictConfig) -> list[Path]:
     """The CLI's work on a composed `conf/phema.yaml`."""
-    sigma_rels = cfg.sigma_rel if isinstance(cfg.sigma_rel, Sequence) else [cfg.sigma_rel]
+    from diffusion_lab.cli import file_argument
+    from diffusion_lab.files import ensure_writable_dir
+    from diffusion_lab.sample import number
+
+    def numbers(value: Any, key: str) -> list[float]:
+        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        return [number(v, f"{key}={value!r}: each") for v in values]
+
+    sigma_rels = numbers(cfg.sigma_rel, "sigma_rel")
     if not sigma_rels:
         raise ValueError("sigma_rel must be a non-empty list, e.g. sigma_rel=[0.05,0.1]")
-    ckpt_dir = Path(cfg.ckpt_dir)
+    try:
+        sigma_rel_to_gamma(np.asarray(sigma_rels))
+    except ValueError as e:
+        raise ValueError(f"sigma_rel={cfg.sigma_rel!r}: {e}") from None
+    ckpt_dir = Path(file_argument(cfg.ckpt_dir, "ckpt_dir"))
     if not ckpt_dir.is_dir():
         raise ValueError(
             f"ckpt_dir {ckpt_dir} is not a folder: give a run's checkpoints folder (<run>/checkpoints)"
         )
+    step = None if cfg.step is None else number(cfg.step, "step", integer=True, minimum=1)
+    in_sigma_rels = None if cfg.in_sigma_rel is None else numbers(cfg.in_sigma_rel, "in_sigma_rel")
+    if cfg.out is not None:
+        out = Path(file_argument(cfg.out, "out"))
+        ensure_writable_dir(out.parent if out.suffix == SAFETENSORS_SUFFIX else out, "output folder (out)")
+    template = None if cfg.template is None else file_argument(cfg.template, "template")
     return reconstruct(
         ckpt_dir,
-        [float(s) for s in sigma_rels],
-        step=cfg.step,
-        in_sigma_rels=None if cfg.in_sigma_rel is None else [float(s) for s in cfg.in_sigma_rel],
-        template=cfg.template,
+        sigma_rels,
+        step=step,
+        in_sigma_rels=in_sigma_rels,
+        template=template,
         out_dir=cfg.out,
         suffix=f".{output_format(cfg.get('format', 'ckpt'))}",
     )

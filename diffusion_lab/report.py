@@ -112,21 +112,36 @@ def find_folders(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(runs, key=_natural_key), sorted(evals, key=_natural_key)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def read_run(path: Path) -> Run:
     overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = (
-        [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
-        if overrides_file.is_file()
-        else []
-    )
+    try:
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    except (yaml.YAMLError, ValueError) as e:
+        raise ReportError(
+            f"{overrides_file} is not valid YAML ({_one_line(e)}): restore it or remove it"
+        ) from e
+    if not isinstance(overrides or [], list):
+        raise ReportError(
+            f"{overrides_file} is not a list of overrides (it holds a {type(overrides).__name__}): restore it"
+            " or remove it"
+        )
     summary_file = path / "summary.json"
     try:
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     except ValueError as e:  # truncated (a writer killed mid-write before train.py wrote it atomically)
         raise ReportError(
-            f"{summary_file} is not valid JSON ({e}): truncated? rerun that run or remove it"
+            f"{summary_file} is not valid JSON ({_one_line(e)}): truncated? rerun that run or remove it"
         ) from e
-    return Run(path=path, overrides=overrides, summary=summary)
+    if summary_file.is_file() and not isinstance(summary, dict):
+        raise ReportError(
+            f"{summary_file} is not a run summary (a JSON object; it holds a {type(summary).__name__}): rerun"
+            " that run or remove it"
+        )
+    return Run(path=path, overrides=[str(o) for o in overrides or []], summary=summary)
 
 
 def _number(value: str) -> Any:
@@ -193,7 +208,10 @@ def attach_evaluations(evals: list[Evaluation], runs: list[Run], root: Path | No
         candidates = [ev.path.resolve(), *ev.path.resolve().parents]
         info = ev.path / "eval.json"
         if info.is_file():
-            ckpt = json.loads(info.read_text()).get("ckpt")
+            try:
+                ckpt = json.loads(info.read_text()).get("ckpt")
+            except (ValueError, AttributeError) as e:
+                raise ReportError(f"{info} is not an evaluate record ({_one_line(e)}): remove it") from e
             if ckpt:  # <run>/checkpoints/x.ckpt
                 candidates.insert(0, Path(ckpt).resolve().parent.parent)
         ev.run = next((by_path[c] for c in candidates if c in by_path), None)
@@ -299,6 +317,8 @@ def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
     only groups of 2+ runs."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
+        if run.summary is None:  # a failed (or unfinished) job has no figures to count
+            continue
         rest = {k: v for k, v in run.varying.items() if k != "seed"}
         label = ", ".join(f"{k}={v}" for k, v in rest.items() if v != "") or "all runs"
         groups.setdefault(label, []).append(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -28,11 +29,12 @@ from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
-from diffusion_lab.checkpoints import check_resume, trust_from_config
+from diffusion_lab.checkpoints import CheckpointError, check_resume, trust_from_config
 from diffusion_lab.cli import exit_on_user_error
 from diffusion_lab.config_types import check_config
 from diffusion_lab.console import print_config_tree, quiet
 from diffusion_lab.files import ensure_writable_dir
+from diffusion_lab.imports import ConfigError
 from diffusion_lab.instantiate import (
     build_callbacks,
     build_loggers,
@@ -48,10 +50,13 @@ from diffusion_lab.instantiate import (
 from diffusion_lab.renamed import exit_on_renamed
 from diffusion_lab.run_folder import (
     AlreadyFinished,
+    RunFolderError,
     RunLock,
+    keep_hydra_records,
     launched_as_rank_zero,
     merge_summary,
     plan_resume,
+    restore_hydra_records,
     write_summary,
 )
 
@@ -65,9 +70,13 @@ def train(
     """Fit the configured system (`run_training`) while this process owns the run folder: a second run started in
     the same folder stops with one line instead of mixing its checkpoints and records into this one's."""
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
-    lock = RunLock(out_dir).acquire() if launched_as_rank_zero() else None
-    try:
+    lock = None
+    try:  # a refused command leaves the folder's Hydra records describing the run in it, not itself
+        lock = RunLock(out_dir).acquire() if launched_as_rank_zero() else None
         return run_training(cfg, extra_callbacks=extra_callbacks, multirun=multirun)
+    except (RunFolderError, ConfigError, CheckpointError):
+        restore_hydra_records(out_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -81,6 +90,7 @@ def run_training(
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     config = OmegaConf.to_container(cfg, resolve=True)
     check_config(config)  # wrong types, unknown keys: one line
+    check_run_keys(config)
     if cfg.get("print_config", True):
         show_config(config, out_dir)
     try:  # ckpt_path, or the folder's newest checkpoint with auto_resume; records rewound to it
@@ -93,8 +103,11 @@ def run_training(
         )
     except AlreadyFinished as done:
         log.info("%s", done)
+        restore_hydra_records(out_dir)
         return json.loads((out_dir / "summary.json").read_text())
     ckpt_path = str(resume.path) if resume else None
+    max_steps = int(cfg.trainer.get("max_steps", -1))
+    completing = resume is not None and 0 < max_steps <= resume.step  # only the end-of-run work is left
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
@@ -114,6 +127,8 @@ def run_training(
     callbacks.extend(extra_callbacks or [])
     callbacks.extend(default_progress_bar(cfg, callbacks))
     callbacks.append(stop)  # last: its step-end save comes after the EMA update
+    if completing:
+        callbacks.append(CompleteRun())
     loggers = build_loggers(cfg, sweep=sweep_info())
     # every checkpoint write is atomic (temp file + fsync + rename) and refuses NaN weights
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
@@ -162,6 +177,52 @@ def run_summary(
     for part in parts:  # systems and callbacks may contribute (scale factor, grids, accuracy)
         summary.update(getattr(part, "summary", None) or {})
     return summary
+
+
+def check_run_keys(config: dict[str, Any]) -> None:
+    """ConfigError (one line) naming the key, for the top-level keys no constructor checks (`seed`, `print_config`,
+    `auto_resume`) and the trainer values whose Lightning message does not name theirs (`trainer.max_time`;
+    `trainer.max_steps=0`, which would train nothing)."""
+    seed = config.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ConfigError(f"seed={seed!r} must be an integer (or null for a random one)")
+    for key in ("print_config", "auto_resume"):
+        if not isinstance(config.get(key, False), bool):
+            raise ConfigError(f"{key} must be true or false, got {config[key]!r}")
+    max_time = (config.get("trainer") or {}).get("max_time")
+    if isinstance(max_time, str) and not re.fullmatch(r"\d+:\d+:\d+:\d+", max_time.strip()):
+        raise ConfigError(
+            f"trainer.max_time={max_time!r} is not a duration: give DD:HH:MM:SS, e.g. 00:12:00:00"
+        )
+    steps = (config.get("trainer") or {}).get("max_steps", -1)
+    if isinstance(steps, int) and not isinstance(steps, bool) and (steps == 0 or steps < -1):
+        raise ConfigError(
+            f"trainer.max_steps={steps} is not a number of steps: give one >= 1 (or -1 for an end set by"
+            " trainer.max_epochs / trainer.max_time)"
+        )
+
+
+class CompleteRun(L.Callback):
+    """Resuming a run whose checkpoint is already at `trainer.max_steps` (it was stopped during its end-of-run
+    work): Lightning's fit loop, restored at its end, would skip everything, hooks included; this runs the
+    `on_train_start` / `on_train_end` hooks of the callbacks and the module in its place, once the checkpoint's
+    state is restored, as the end of training would have (final checkpoint, grids, accuracy)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.trainer import call
+
+        loop = trainer.fit_loop
+        run = loop.run
+
+        def run_or_complete() -> None:
+            loop.setup_data()
+            if not loop.done:
+                return run()
+            for hook in ("on_train_start", "on_train_end"):
+                call._call_callback_hooks(trainer, hook)
+                call._call_lightning_module_hook(trainer, hook)
+
+        loop.run = run_or_complete
 
 
 @rank_zero_only
@@ -213,13 +274,15 @@ def _float(x) -> float | None:
 class RunDirCheck(HydraCallback):
     """Hydra callback (conf/hydra/default.yaml): creates `hydra.run.dir` / `hydra.sweep.dir` (as Hydra would next;
     `${now:...}` is cached, so it is the same folder) and ends in one line and exit 1 when that fails, instead of
-    Hydra's traceback."""
+    Hydra's traceback; keeps the `.hydra/` records already there, for a refused command to put back."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
+        self._keep(config, [Path(config.hydra.run.dir)])
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._keep(config, [p for p in Path(config.hydra.sweep.dir).iterdir() if p.is_dir()])
 
     @staticmethod
     def _check(path: str, key: str) -> None:
@@ -228,6 +291,12 @@ class RunDirCheck(HydraCallback):
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+
+    @staticmethod
+    def _keep(config: DictConfig, folders: list[Path]) -> None:
+        """Keep the Hydra records already there (Hydra rewrites them before the job runs; a refusal restores them)."""
+        if config.hydra.get("output_subdir") is not None:
+            keep_hydra_records(folders, str(config.hydra.output_subdir))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

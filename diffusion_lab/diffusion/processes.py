@@ -35,8 +35,8 @@ def _float(t: Tensor) -> Tensor:
 
 def shift_time(u: Tensor, shift: float) -> Tensor:
     """SD3's resolution shift of unit time (Esser et al. 2024, eq. 23): u' = s u / (1 + (s - 1) u)."""
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    if isinstance(shift, (bool, str)) or not shift > 0:
+        raise ValueError(f"shift must be a number > 0, got {shift!r}")
     return u if shift == 1.0 else shift * u / (1 + (shift - 1) * u)
 
 
