@@ -21,9 +21,18 @@ from diffusion_lab.diffusion.utils import randn_like
 SEEDING_RULE = "per-sample/1"  # evaluate reuses a cached sample file only when it was drawn by this rule
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    """0, 1, ..., K-1, 0, 1, ...: every class in turn (what a class model draws when no class is named)."""
-    return torch.arange(n) % num_classes
+def balanced_labels(n: int, num_classes: int, *, start: int = 0) -> torch.Tensor:
+    """Label (start + i) mod K for sample i: every class in turn (what a class model draws when no class is
+    named); exactly n / K of each class when K divides n."""
+    return (torch.arange(n) + start) % num_classes
+
+
+def random_labels(n: int, num_classes: int, *, seed: int, start: int = 0) -> torch.Tensor:
+    """An independent uniform label per sample index (from `sample_seed(seed, index)`, as EDM draws a class per
+    seed): the class counts vary like a multinomial sample."""
+    return torch.tensor(
+        [np.random.default_rng(sample_seed(seed, start + i)).integers(num_classes) for i in range(n)]
+    )
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -89,18 +98,21 @@ def generate(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    first_index: int = 0,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (start, stop, images in [-1, 1] on the model's device) for this rank's chunks of `num_samples`.
 
     `labels` (N,) / `prompts` (N texts): the condition of each sample (`model.condition`); none: unconditional
     (a text model then samples the empty caption). `guidance_opts`: guidance_rescale / guidance_interval / guide
-    (autoguidance) for `model.sample`; without a condition or a guide, guidance is off."""
+    (autoguidance) for `model.sample`; without a condition or a guide, guidance is off. `first_index`: sample i
+    is drawn as sample `first_index + i` (a seed range that starts elsewhere, EDM's `--seeds=a-b`)."""
     guidance_opts = dict(guidance_opts or {})
     device = model.device
     chunks = list(iter_chunks(num_samples, batch_size, rank=rank, world_size=world_size))
     for _, start, stop in tqdm(chunks, desc="chunks", disable=not progress or len(chunks) < 2, leave=False):
         generators = [
-            torch.Generator(device=device).manual_seed(sample_seed(seed, i)) for i in range(start, stop)
+            torch.Generator(device=device).manual_seed(sample_seed(seed, first_index + i))
+            for i in range(start, stop)
         ]
         x_T = randn_like(torch.empty((stop - start, *model.sample_shape), device=device), generators)
         cond = model.condition(
