@@ -28,7 +28,15 @@ from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.diffusion import get_sampler
-from diffusion_lab.generate import SEEDING_RULE, balanced_labels, generate, guidance_options, resolve_device
+from diffusion_lab.generate import (
+    SEEDING_RULE,
+    balanced_labels,
+    generate,
+    guidance_options,
+    random_labels,
+    resolve_device,
+    seed_range,
+)
 from diffusion_lab.images import log_image
 from diffusion_lab.metrics.features import (
     FEATURE_EXTRACTORS,
@@ -38,14 +46,14 @@ from diffusion_lab.metrics.features import (
     get_feature_extractor,
     uint8_to_images,
 )
-from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid_from_features, save_npz
-from diffusion_lab.metrics.kid import kernel_inception_distance
-from diffusion_lab.metrics.prdc import precision_recall
-from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
+from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, save_npz
+from diffusion_lab.metrics.intervals import mean_interval
+from diffusion_lab.metrics.scoring import accuracy_with_interval, score_with_intervals
 from diffusion_lab.tables import (
     EVAL_INFO,
     EVAL_KEYS,
     columns_of,
+    interval_cells,
     markdown_table,
     plot_metrics_vs_nfe,
     write_csv,
@@ -55,6 +63,11 @@ log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
 SPLITS = ("train", "val", "test")
 KEY_COLUMNS, INFO_COLUMNS = EVAL_KEYS, EVAL_INFO
+PROTOCOL_NOTE = (
+    "`bootstrap` resamples, seeded by `seed`; it covers the spread of sample sets of this size, not FID's "
+    "small-n bias: compare FIDs only at the same n, reference split and extractor (columns seeds, reference, "
+    "extractors)"
+)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -85,6 +98,9 @@ def _check(cfg: DictConfig) -> None:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid choices: {', '.join(METRICS)}")
     if cfg.num_samples < 2:
         raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+    seed_range(cfg.get("seeds"), cfg.num_samples)  # a range that does not hold num_samples seeds fails here
+    if cfg.get("class_sampling", "balanced") not in ("balanced", "random"):
+        raise ValueError(f"unknown class_sampling {cfg.class_sampling!r}; valid choices: balanced, random")
     for key in ("split", "reference_split"):
         if cfg[key] not in SPLITS and not (key == "reference_split" and cfg[key] is None):
             raise ValueError(f"unknown {key} {cfg[key]!r}; valid choices: {', '.join(SPLITS)}")
@@ -139,6 +155,7 @@ def load_or_generate(
     prompts: list[str] | None,
     progress: bool,
     guidance_opts: dict[str, Any] | None = None,
+    first_index: int = 0,
 ) -> dict[str, Any]:
     """The cell's samples from `path` when it holds this checkpoint's, else sampled now and saved there."""
     if path.is_file():
@@ -164,6 +181,7 @@ def load_or_generate(
         prompts=prompts,
         progress=progress,
         guidance_opts=guidance_opts,
+        first_index=first_index,
     ):
         chunk = to_uint8(x)
         if images is None:
@@ -199,31 +217,46 @@ def fake_features(
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score_features(
-    name: str, real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, cfg: DictConfig
+    name: str, real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, cfg: DictConfig, real_stats=None
 ) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if "fid" in cfg.metrics:
-        out[f"fid_{name}"] = fid_from_features(real, fake)
-    if "kid" in cfg.metrics:
-        mean, std = kernel_inception_distance(
-            real, fake, subsets=cfg.kid_subsets, subset_size=cfg.kid_subset_size, seed=cfg.seed
-        )
-        out[f"kid_{name}"], out[f"kid_{name}_std"] = mean, std
-    if "precision_recall" in cfg.metrics:
-        pr = precision_recall(real, fake, k=cfg.pr_k)
-        out[f"precision_{name}"], out[f"recall_{name}"] = pr["precision"], pr["recall"]
-    if "inception_score" in cfg.metrics and logits is not None:
-        out[f"is_{name}"] = inception_score(logits)[0]
-    return out
+    """The metrics of one feature set, each with its bootstrap interval (`metrics.scoring`)."""
+    return score_with_intervals(
+        name,
+        real,
+        fake,
+        logits,
+        metrics=cfg.metrics,
+        real_stats=real_stats,
+        kid_subsets=cfg.kid_subsets,
+        kid_subset_size=cfg.kid_subset_size,
+        pr_k=cfg.pr_k,
+        resamples=cfg.get("bootstrap", 200),
+        seed=cfg.seed,
+    )
+
+
+def with_accuracy(row: dict[str, Any], logits: np.ndarray, labels: np.ndarray, cfg: DictConfig) -> None:
+    """row["class_accuracy"] and its interval (`_lo`, `_hi`)."""
+    acc = accuracy_with_interval(logits, labels, resamples=cfg.get("bootstrap", 200), seed=cfg.seed)
+    row["class_accuracy"], row["class_accuracy_lo"], row["class_accuracy_hi"] = acc
 
 
 def reference_row(
-    cfg: DictConfig, dm, extractors: dict[str, FeatureExtractor], judge, real: dict, cache, *, device
+    cfg: DictConfig,
+    dm,
+    extractors: dict[str, FeatureExtractor],
+    judge,
+    real: dict,
+    cache,
+    *,
+    device,
+    real_stats: dict | None = None,
 ) -> dict[str, Any]:
     """Real images of `reference_split` (the first `num_samples`) scored like a sample cell: the values a
     model that reproduced its data exactly would get at this sample size (the metrics' noise floor)."""
     ds = split_of(dm, cfg.reference_split)
     n = min(cfg.num_samples, len(ds))
+    real_stats = real_stats or {}
     row: dict[str, Any] = {
         "sampler": f"real_{cfg.reference_split}",
         "steps": 0,
@@ -246,14 +279,14 @@ def reference_row(
             progress=cfg.progress,
         )
         logits_by[fname] = logits
-        row.update(score_features(fname, real[fname], feats, logits, cfg))
+        row.update(score_features(fname, real[fname], feats, logits, cfg, real_stats=real_stats.get(fname)))
     if "class_accuracy" in cfg.metrics and judge is not None and getattr(dm, "num_classes", None):
         labels = np.array([ds[i]["label"] for i in range(n)])
         logits = logits_by.get("classifier")
         if logits is None:
             images = torch.stack([ds[i]["image"] for i in range(n)])
             logits = extract_all(judge, images, batch_size=cfg.batch_size, device=device)[1]
-        row["class_accuracy"] = conditional_accuracy(logits, labels)
+        with_accuracy(row, logits, labels, cfg)
     return row
 
 
@@ -294,8 +327,32 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         )[0]
         for name, ext in extractors.items()
     }
+    real_stats = {  # FID's reference: the split's statistics, cached under its content hash
+        name: cache.stats(
+            ext,
+            ds,
+            description=describe_datamodule(dm),
+            split=cfg.split,
+            num_real=cfg.num_real,
+            features=real[name],
+        )
+        for name, ext in extractors.items()
+    }
     text = model.is_text_conditional
-    labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
+    seeds = seed_range(cfg.get("seeds"), cfg.num_samples)
+    labels = None
+    if num_classes is not None and not text:
+        labels = (
+            random_labels(cfg.num_samples, num_classes, seed=cfg.seed, start=seeds.start)
+            if cfg.get("class_sampling") == "random"
+            else balanced_labels(cfg.num_samples, num_classes, start=seeds.start)
+        )
+    protocol = {  # written beside every number: what it was measured against and how
+        "seeds": f"{seeds.start}-{seeds.stop - 1}",
+        "class_sampling": None if labels is None else cfg.get("class_sampling", "balanced"),
+        "reference": f"{cfg.split}:{real_stats[next(iter(real_stats))].n}" if real_stats else None,
+        "extractors": " ".join(f"{k}:{e.fingerprint[-12:]}" for k, e in extractors.items()),
+    }
     prompts = _prompts(ds, cfg.num_samples) if text else None
     scorer = (
         instantiate(cfg.prompt_scorer)
@@ -310,11 +367,22 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         "rescale": guidance_opts["guidance_rescale"] or None,
         "interval": "-".join(f"{v:g}" for v in guidance_opts["guidance_interval"] or []) or None,
         "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
+        "seeds": protocol["seeds"] if seeds.start else None,
+        "labels": "random" if protocol["class_sampling"] == "random" else None,
     }
 
     rows: list[dict[str, Any]] = []
     if cfg.reference_split is not None:
-        rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
+        rows.append(
+            {
+                **reference_row(
+                    cfg, dm, extractors, judge, real, cache, device=device, real_stats=real_stats
+                ),
+                **protocol,
+                "seeds": None,
+                "class_sampling": None,
+            }
+        )
 
     cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in guidance]
     for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
@@ -337,6 +405,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             prompts=prompts,
             progress=cfg.progress,
             guidance_opts=guidance_opts,
+            first_index=seeds.start,
         )
         row: dict[str, Any] = {
             "sampler": name,
@@ -357,16 +426,19 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                 device=device,
             )
             logits_by[fname] = logits
-            row.update(score_features(fname, real[fname], feats, logits, cfg))
+            row.update(score_features(fname, real[fname], feats, logits, cfg, real_stats=real_stats[fname]))
         if "class_accuracy" in cfg.metrics and judge is not None and "labels" in data:
             judge_logits = logits_by.get("classifier")
             if judge_logits is None:
                 judge_logits = extract_all(judge, data["images"], batch_size=cfg.batch_size, device=device)[1]
-            row["class_accuracy"] = conditional_accuracy(judge_logits, data["labels"])
+            with_accuracy(row, judge_logits, data["labels"], cfg)
         if scorer is not None:
             images = uint8_to_images(data["images"]).to(device)
-            row["prompt_adherence"] = float(scorer(images, [str(p) for p in data["prompts"]]).float().mean())
-        rows.append(row)
+            scores = scorer(images, [str(p) for p in data["prompts"]]).float().cpu().numpy()
+            row["prompt_adherence"] = float(scores.mean())
+            lo_hi = mean_interval(scores, resamples=cfg.get("bootstrap", 200), seed=cfg.seed)
+            row["prompt_adherence_lo"], row["prompt_adherence_hi"] = lo_hi
+        rows.append({**row, **protocol})
         # after every cell, so an interrupted run keeps the rows it has
         write_tables(rows, out, title=_title(cfg, ds, dm))
     plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
@@ -374,6 +446,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         "ckpt": str(cfg.ckpt),
         "real_split": cfg.split,
         "real_images": len(next(iter(real.values()))),
+        "protocol": {**protocol, "extractors": {k: e.fingerprint for k, e in extractors.items()}},
         "data": describe_datamodule(dm),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -468,12 +541,13 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
     metrics = columns_of(rows, (*KEY_COLUMNS, *INFO_COLUMNS))
     columns = [*KEY_COLUMNS, *metrics, *INFO_COLUMNS]
     write_csv(rows, out / "metrics.csv", columns=columns)
-    lines = [f"# {title}", "", *markdown_table(rows, columns)]
+    lines = [f"# {title}", "", *markdown_table(*interval_cells(rows, columns))]
+    lines += ["", f"[lo, hi]: 95% bootstrap interval over the generated samples ({PROTOCOL_NOTE})."]
     refs = [r for r in rows if r["nfe"] == 0]
     cells = {(r["sampler"], r["guidance_scale"], r["steps"]): r for r in rows if r["nfe"] > 0}
     steps = sorted({k for _, _, k in cells})
     heads = [f"{k} steps" for k in steps]
-    for col in [c for c in metrics if c.startswith("fid_")]:
+    for col in [c for c in metrics if c.startswith("fid_") and not c.endswith(("_lo", "_hi"))]:
         for g in sorted({g for _, g, _ in cells}):
             table = [
                 {"sampler": s, **{h: cells.get((s, g, k), {}).get(col) for k, h in zip(steps, heads)}}

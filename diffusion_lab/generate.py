@@ -27,6 +27,25 @@ def balanced_labels(n: int, num_classes: int, *, start: int = 0) -> torch.Tensor
     return (torch.arange(n) + start) % num_classes
 
 
+def seed_range(spec: str | int | None, n: int) -> range:
+    """The sample indices of a generated set: None = 0..n-1 (EDM's `--seeds=0-49999` convention for n = 50000),
+    "a-b" = a..b inclusive (must hold n indices), an int a = a..a+n-1."""
+    if spec is None or spec == "":
+        return range(n)
+    if isinstance(spec, int):
+        start, stop = spec, spec + n - 1
+    else:
+        try:
+            start, stop = (int(v) for v in str(spec).split("-"))
+        except ValueError:
+            raise ValueError(
+                f"seeds={spec!r} is not a range: use seeds=a-b (e.g. 0-49999) or a first seed"
+            ) from None
+    if start < 0 or stop - start + 1 != n:
+        raise ValueError(f"seeds={spec} holds {stop - start + 1} seeds but num_samples={n}: make them match")
+    return range(start, stop + 1)
+
+
 def random_labels(n: int, num_classes: int, *, seed: int, start: int = 0) -> torch.Tensor:
     """An independent uniform label per sample index (from `sample_seed(seed, index)`, as EDM draws a class per
     seed): the class counts vary like a multinomial sample."""

@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 from torchmetrics.image.fid import _compute_fid
 
 from diffusion_lab.data.digits import DigitsDataModule
-from diffusion_lab.generate import balanced_labels
+from diffusion_lab.generate import balanced_labels, random_labels, seed_range
 from diffusion_lab.metrics.features import RandomConvFeatures
 from diffusion_lab.metrics.fid import (
     FeatureStats,
@@ -185,3 +185,18 @@ def test_reference_statistics_streamed_cached_and_equal_to_features(tmp_path):
     np.testing.assert_allclose(streamed.sigma, ref.sigma, rtol=1e-8, atol=1e-10)
     other = RealFeatureCache(tmp_path / "b").stats(ext, dm.test_set, features=feats, **kw)
     np.testing.assert_allclose(other.sigma, ref.sigma)
+
+
+def test_seed_range_and_random_labels_follow_the_sample_index():
+    assert (
+        seed_range(None, 5) == range(5)
+        and seed_range("10-14", 5) == range(10, 15)
+        and seed_range(3, 2) == range(3, 5)
+    )
+    with pytest.raises(ValueError, match="holds 3 seeds"):
+        seed_range("0-2", 5)
+    with pytest.raises(ValueError, match="not a range"):
+        seed_range("a-b", 5)
+    whole = random_labels(40, 10, seed=1)
+    assert torch.equal(random_labels(20, 10, seed=1, start=20), whole[20:])
+    assert not torch.equal(whole, random_labels(40, 10, seed=2)) and len(set(whole.tolist())) > 5
