@@ -60,7 +60,15 @@ from diffusion_lab.tables import (
 )
 
 log = logging.getLogger(__name__)
-METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
+METRICS = (
+    "fid",
+    "fid_infinity",  # not by default: FID extrapolated to n = infinity (Chong & Forsyth 2020)
+    "kid",
+    "precision_recall",
+    "inception_score",
+    "class_accuracy",
+    "prompt_adherence",
+)
 SPLITS = ("train", "val", "test")
 KEY_COLUMNS, INFO_COLUMNS = EVAL_KEYS, EVAL_INFO
 PROTOCOL_NOTE = (

@@ -18,6 +18,7 @@ from diffusion_lab.metrics.fid import (
     GaussianStats,
     RealFeatureCache,
     describe_datamodule,
+    fid_infinity,
     fid_resampled,
     frechet_distance,
 )
@@ -131,13 +132,14 @@ def test_score_with_intervals_brackets_every_value():
         real,
         fake,
         logits,
-        metrics=["fid", "kid", "precision_recall", "inception_score"],
+        metrics=["fid", "fid_infinity", "kid", "precision_recall", "inception_score"],
         kid_subsets=10,
         kid_subset_size=100,
         resamples=50,
     )
-    for key in ("fid_x", "kid_x", "precision_x", "recall_x", "is_x"):
+    for key in ("fid_x", "kid_x", "precision_x", "recall_x", "is_x"):  # fid_inf_x: a point value only
         assert out[f"{key}_lo"] < out[key] < out[f"{key}_hi"], key
+    assert out["fid_inf_x"] < out["fid_x"] and "fid_inf_x_lo" not in out
     real_stats = GaussianStats.from_features(_features(8, 400, 8))
     assert score_with_intervals("x", real, fake, None, metrics=["fid"], real_stats=real_stats, resamples=20)[
         "fid_x"
@@ -200,3 +202,15 @@ def test_seed_range_and_random_labels_follow_the_sample_index():
     whole = random_labels(40, 10, seed=1)
     assert torch.equal(random_labels(20, 10, seed=1, start=20), whole[20:])
     assert not torch.equal(whole, random_labels(40, 10, seed=2)) and len(set(whole.tolist())) > 5
+
+
+def test_fid_infinity_removes_the_small_n_bias():
+    """fake ~ N(m, I), real = the exact population statistics of N(0, I): FID_inf = |m|^2 = 1 (Chong & Forsyth's
+    extrapolation), while FID at n = 2000 in 64 dimensions sits ~0.5 above it (the small-n bias)."""
+    d, n = 64, 2000
+    real = GaussianStats(mu=np.zeros(d), sigma=np.eye(d), n=10**9)
+    for seed in range(3):
+        fake = np.random.default_rng(seed).normal(size=(n, d)) + 1 / np.sqrt(d)
+        at_n = frechet_distance(GaussianStats.from_features(fake), real)
+        inf, slope = fid_infinity(fake, real, seed=0)
+        assert at_n > 1.4 and slope > 0 and abs(inf - 1.0) < 0.1, (at_n, inf)
