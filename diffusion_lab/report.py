@@ -39,6 +39,8 @@ import yaml
 
 from diffusion_lab.metrics.intervals import LEVEL, holm, t_interval, welch_t_test
 from diffusion_lab.tables import (
+    EVAL_INFO,
+    EVAL_KEYS,
     colors,
     columns_of,
     figure,
@@ -257,6 +259,7 @@ def write_markdown(
     plots: list[Path],
     srows: Sequence[dict[str, Any]] = (),
     trows: Sequence[dict[str, Any]] = (),
+    esrows: Sequence[dict[str, Any]] = (),
 ) -> None:
     common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)] if runs else []
     constant = constant_columns(rows, columns)
@@ -296,7 +299,11 @@ def write_markdown(
             "Runs that differ only by `seed`, grouped; std is the sample standard deviation, the interval the "
             "Student-t 95% interval of the mean over seeds (wide with 2-3 seeds: that is the honest width).",
         ]
-        lines += significance_lines(trows)
+        lines += significance_lines([t for t in trows if "sampler" not in t])
+    if esrows:
+        lines += ["", "## Evaluations over seeds (mean [95% t-interval])", ""]
+        lines += markdown_table(*interval_cells(list(esrows), columns_of(esrows)))
+        lines += significance_lines([t for t in trows if "sampler" in t])
     if erows:
         lines += ["", "## Evaluations", ""] + markdown_table(*interval_cells(erows, columns_of(erows)))
         if any(k.endswith("_lo") for r in erows for k in r):
@@ -355,23 +362,70 @@ def seed_tests(
 ) -> list[dict[str, Any]]:
     """Every pair of seed groups, per summary number with 2+ values in both: Welch's t-test on the per-seed values
     (two-sided), Holm's adjustment over the pairs of that number, significant = Holm's p < alpha."""
+    values = {label: {c: seed_values(members, c) for c in columns} for label, members in groups.items()}
+    return pairwise_welch(values, [c for c in columns if c not in NOT_BARS], alpha=alpha)
+
+
+def pairwise_welch(
+    values: dict[str, dict[str, list[float]]], metrics: list[str], *, alpha: float = 0.05, **keys: Any
+) -> list[dict[str, Any]]:
+    """Welch's t between every pair of groups ({group: {metric: per-seed values}}) per metric with 2+ values in
+    both; Holm over the pairs of each metric. `keys` (e.g. the evaluate cell) are copied into every row."""
     rows = []
-    labels = list(groups)
-    for c in columns:
-        if c in NOT_BARS:
-            continue
+    labels = list(values)
+    for c in metrics:
         tests = []
         for i, a in enumerate(labels):
             for b in labels[i + 1 :]:
-                va, vb = seed_values(groups[a], c), seed_values(groups[b], c)
+                va, vb = values[a].get(c, []), values[b].get(c, [])
                 if len(va) >= 2 and len(vb) >= 2:
                     t, df, p = welch_t_test(va, vb)
                     diff = sum(va) / len(va) - sum(vb) / len(vb)
-                    tests.append({"metric": c, "a": a, "b": b, "diff": diff, "t": t, "df": df, "p": p})
+                    tests.append(
+                        {**keys, "metric": c, "a": a, "b": b, "diff": diff, "t": t, "df": df, "p": p}
+                    )
         for test, p_holm in zip(tests, holm([t["p"] for t in tests]) if tests else []):
             test["p_holm"], test["significant"] = p_holm, p_holm < alpha
         rows += tests
     return rows
+
+
+def eval_seed_rows(
+    evals: list[Evaluation], groups: dict[str, list[Run]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Evaluations of runs that differ only by seed, per (sampler, steps, guidance) cell: mean / std / 95%
+    t-interval (`_lo`, `_hi`) of each metric over seeds, and Welch + Holm between the groups at each cell."""
+    group_of = {id(run): label for label, members in groups.items() for run in members}
+    cells: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for ev in evals:
+        label = group_of.get(id(ev.run)) if ev.run is not None else None
+        for row in ev.rows if label is not None else []:
+            if is_num(row.get("nfe")) and row["nfe"] > 0:
+                key = (row["sampler"], row["steps"], row.get("guidance_scale"))
+                cells.setdefault(key, {}).setdefault(label, []).append(row)
+    skip = {"run", *EVAL_KEYS, *EVAL_INFO}
+    rows, tests = [], []
+    for (sampler, steps, guidance), by_group in cells.items():
+        metrics = [
+            c
+            for c in columns_of([r for rs in by_group.values() for r in rs], skip)
+            if not c.endswith(("_std", "_lo", "_hi"))
+        ]
+        values = {
+            label: {c: [float(r[c]) for r in rs if is_num(r.get(c))] for c in metrics}
+            for label, rs in by_group.items()
+        }
+        cell = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
+        for label, rs in by_group.items():
+            row = {"run": label, **cell, "nfe": rs[0].get("nfe"), "seeds": len(rs)}
+            for c, v in values[label].items():
+                if len(v) >= 2:
+                    mean = sum(v) / len(v)
+                    row[c], row[f"{c}_std"] = mean, math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+                    row[f"{c}_lo"], row[f"{c}_hi"] = t_interval(v, level=LEVEL)
+            rows.append(row)
+        tests += pairwise_welch(values, metrics, **cell)
+    return rows, tests
 
 
 def significance_lines(trows: Sequence[dict[str, Any]]) -> list[str]:
@@ -392,7 +446,8 @@ def significance_lines(trows: Sequence[dict[str, Any]]) -> list[str]:
     if not hits:
         return [*lines, "No pair differs beyond chance."]
     table = [{**r, "diff": r["diff"], "p": r["p"], "p_holm": r["p_holm"]} for r in hits]
-    return lines + markdown_table(table, ["metric", "a", "b", "diff", "t", "df", "p", "p_holm"])
+    cell = [k for k in ("sampler", "steps", "guidance_scale") if k in hits[0]]
+    return lines + markdown_table(table, [*cell, "metric", "a", "b", "diff", "t", "df", "p", "p_holm"])
 
 
 def _mean_std(row: dict[str, Any], column: str) -> str:
@@ -610,6 +665,8 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
     groups = seed_groups(runs)
     srows = seed_rows(groups, columns)
     trows = seed_tests(groups, columns)
+    esrows, etrows = eval_seed_rows(evals, groups)
+    trows += etrows
     if runs:
         write_csv(rows, out_dir / "report.csv")
         files.append(out_dir / "report.csv")
@@ -629,6 +686,10 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
         write_csv(erows, out_dir / "report_eval.csv")
         files.append(out_dir / "report_eval.csv")
         plots.append(plot_metrics_vs_nfe(erows, out_dir / "metrics_vs_nfe.png"))
+    if esrows:
+        write_csv(esrows, out_dir / "report_eval_seeds.csv")
+        files.append(out_dir / "report_eval_seeds.csv")
+        plots.append(plot_metrics_vs_nfe(esrows, out_dir / "metrics_vs_nfe_seeds.png"))
     plots = [p for p in plots if p is not None]
     write_markdown(
         out_dir / "report.md",
@@ -640,6 +701,7 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
         plots=plots,
         srows=srows,
         trows=trows,
+        esrows=esrows,
     )
     files = [out_dir / "report.md", *files, *plots]
     written.update(
