@@ -49,11 +49,8 @@ def score_with_intervals(
         stats = real_stats if real_stats is not None else GaussianStats.from_features(real)
         value = frechet_distance(GaussianStats.from_features(fake), stats)
         fid = fid_resampled(fake, stats)
-        put(
-            f"fid_{name}",
-            value,
-            bootstrap_intervals(lambda i: {"v": fid(i)}, n, point={"v": value}, **boot)["v"],
-        )
+        lo, hi = bootstrap_intervals(lambda i: {"v": fid(i)}, n, point={"v": value}, **boot)["v"]
+        put(f"fid_{name}", value, (max(lo, 0.0), hi))  # FID >= 0: the pivot's long right tail can cross 0
     if (
         "fid_infinity" in metrics
     ):  # Chong & Forsyth 2020; a point value (its bootstrap would cost 15 FIDs each)
