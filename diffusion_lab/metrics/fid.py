@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import scipy.linalg
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
@@ -223,6 +223,7 @@ class RealFeatureCache:
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_root() / "fid"
         self.computed = 0
+        self._content: dict[tuple, str] = {}  # content hashes of the splits seen (stats())
 
     def path(self, *, name: str, split: str, resolution: int, extractor: FeatureExtractor, key: str) -> Path:
         return self.root / f"{name}_{split}_{resolution}px_{extractor.name}_{key[:16]}.npz"
@@ -307,7 +308,10 @@ class RealFeatureCache:
         n = len(dataset) if num_real is None else min(int(num_real), len(dataset))
         if n < 2:
             raise ValueError(f"the {split} split has {len(dataset)} images; FID needs at least 2")
-        content = data_fingerprint(torch.utils.data.Subset(dataset, range(n)), description, probe=None)
+        memo = (id(dataset), n, json.dumps(description, sort_keys=True, default=str))
+        if memo not in self._content:  # reads every image once per cache object, not once per extractor
+            self._content[memo] = data_fingerprint(Subset(dataset, range(n)), description, probe=None)
+        content = self._content[memo]
         key = hashlib.sha1(
             json.dumps({"content": content, "extractor": extractor.fingerprint}, sort_keys=True).encode(),
             usedforsecurity=False,
