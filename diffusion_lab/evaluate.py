@@ -31,7 +31,15 @@ from diffusion_lab.console import quiet
 from diffusion_lab.data.base import md5sum
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.diffusion import get_sampler
-from diffusion_lab.generate import SEEDING_RULE, balanced_labels, generate, guidance_options, resolve_device
+from diffusion_lab.generate import (
+    SEEDING_RULE,
+    balanced_labels,
+    generate,
+    guidance_options,
+    random_labels,
+    resolve_device,
+    seed_range,
+)
 from diffusion_lab.images import log_image
 from diffusion_lab.metrics.features import (
     FEATURE_EXTRACTORS,
@@ -41,22 +49,35 @@ from diffusion_lab.metrics.features import (
     get_feature_extractor,
     uint8_to_images,
 )
-from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid_from_features, save_npz
-from diffusion_lab.metrics.kid import kernel_inception_distance
-from diffusion_lab.metrics.prdc import precision_recall
-from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
+from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, save_npz
+from diffusion_lab.metrics.intervals import mean_interval
+from diffusion_lab.metrics.scoring import accuracy_with_interval, score_with_intervals
 from diffusion_lab.sample import number
 from diffusion_lab.tables import (
     EVAL_INFO,
     EVAL_KEYS,
     columns_of,
+    interval_cells,
     markdown_table,
     plot_metrics_vs_nfe,
     write_csv,
 )
 
 log = logging.getLogger(__name__)
-METRICS = ("fid", "kid", "precision_recall", "inception_score", "class_accuracy", "prompt_adherence")
+METRICS = (
+    "fid",
+    "fid_infinity",  # not by default: FID extrapolated to n = infinity (Chong & Forsyth 2020)
+    "kid",
+    "precision_recall",
+    "inception_score",
+    "class_accuracy",
+    "prompt_adherence",
+)
+PROTOCOL_NOTE = (
+    "`bootstrap` resamples, seeded by `seed`; it covers the spread of sample sets of this size, not FID's "
+    "small-n bias: compare FIDs only at the same n, reference split and extractor (columns seeds, reference, "
+    "extractors)"
+)
 SPLITS = ("train", "val", "test")
 
 
@@ -96,6 +117,9 @@ def _check(cfg: DictConfig) -> None:
         raise ValueError(
             f"sampler_options must be a mapping, e.g. +sampler_options.grid=karras, got {cfg.sampler_options!r}"
         )
+    seed_range(cfg.get("seeds"), cfg.num_samples)  # a range that does not hold num_samples seeds fails here
+    if cfg.get("class_sampling", "balanced") not in ("balanced", "random"):
+        raise ValueError(f"unknown class_sampling {cfg.class_sampling!r}; valid choices: balanced, random")
     for key in ("split", "reference_split"):
         if cfg[key] not in SPLITS and not (key == "reference_split" and cfg[key] is None):
             raise ValueError(f"unknown {key} {cfg[key]!r}; valid choices: {', '.join(SPLITS)}")
@@ -177,6 +201,7 @@ def load_or_generate(
         prompts=setup["prompts"],
         progress=cfg.progress,
         guidance=setup["guidance_opts"],
+        first_index=setup["seeds"].start,
     ):
         chunk = to_uint8(x)
         if images is None:
@@ -212,22 +237,28 @@ def fake_features(
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score_features(
-    name: str, real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, cfg: DictConfig
+    name: str, real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, cfg: DictConfig, real_stats=None
 ) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if "fid" in cfg.metrics:
-        out[f"fid_{name}"] = fid_from_features(real, fake)
-    if "kid" in cfg.metrics:
-        mean, std = kernel_inception_distance(
-            real, fake, subsets=cfg.kid_subsets, subset_size=cfg.kid_subset_size, seed=cfg.seed
-        )
-        out[f"kid_{name}"], out[f"kid_{name}_std"] = mean, std
-    if "precision_recall" in cfg.metrics:
-        pr = precision_recall(real, fake, k=cfg.pr_k)
-        out[f"precision_{name}"], out[f"recall_{name}"] = pr["precision"], pr["recall"]
-    if "inception_score" in cfg.metrics and logits is not None:
-        out[f"is_{name}"] = inception_score(logits)[0]
-    return out
+    """The metrics of one feature set, each with its bootstrap interval (`metrics.scoring`)."""
+    return score_with_intervals(
+        name,
+        real,
+        fake,
+        logits,
+        metrics=cfg.metrics,
+        real_stats=real_stats,
+        kid_subsets=cfg.kid_subsets,
+        kid_subset_size=cfg.kid_subset_size,
+        pr_k=cfg.pr_k,
+        resamples=cfg.get("bootstrap", 200),
+        seed=cfg.seed,
+    )
+
+
+def with_accuracy(row: dict[str, Any], logits: np.ndarray, labels: np.ndarray, cfg: DictConfig) -> None:
+    """row["class_accuracy"] and its interval (`_lo`, `_hi`)."""
+    acc = accuracy_with_interval(logits, labels, resamples=cfg.get("bootstrap", 200), seed=cfg.seed)
+    row["class_accuracy"], row["class_accuracy_lo"], row["class_accuracy_hi"] = acc
 
 
 def real_features(
@@ -250,8 +281,31 @@ def real_features(
     }
 
 
+def reference_stats(cfg: DictConfig, extractors: dict, cache, dm, ds, real: dict) -> dict:
+    """FID's reference per extractor: the real split's statistics, cached under its content hash."""
+    return {
+        name: cache.stats(
+            ext,
+            ds,
+            description=describe_datamodule(dm),
+            split=cfg.split,
+            num_real=cfg.num_real,
+            features=real[name],
+        )
+        for name, ext in extractors.items()
+    }
+
+
 def reference_row(
-    cfg: DictConfig, dm, extractors: dict[str, FeatureExtractor], judge, real: dict, cache, *, device
+    cfg: DictConfig,
+    dm,
+    extractors: dict[str, FeatureExtractor],
+    judge,
+    real: dict,
+    cache,
+    *,
+    device,
+    real_stats: dict | None = None,
 ) -> dict[str, Any]:
     """Real images of `reference_split` (the first `num_samples`) scored like a sample cell: the values a
     model that reproduced its data exactly would get at this sample size (the metrics' noise floor)."""
@@ -271,8 +325,18 @@ def reference_row(
         (lambda: np.array([ds[i]["label"] for i in range(n)])) if getattr(dm, "num_classes", None) else None
     )
     images = lambda: torch.stack([ds[i]["image"] for i in range(n)])  # noqa: E731 - decoded only when needed
-    row.update(score_set(cfg, features, real, judge, labels, images, device=device))
+    row.update(score_set(cfg, features, real, judge, labels, images, device=device, real_stats=real_stats))
     return row
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    """`out`, default `<run>/eval`, with its `samples/` folder made; ValueError when it cannot be written."""
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"
+    try:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
+    return out
 
 
 @trust_from_config
@@ -284,11 +348,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     file_argument(cfg.ckpt, "ckpt")
     device = resolve_device(cfg.device)
     model, config = load_system(cfg.ckpt, device=device)  # refuses checkpoints of other systems
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval"  # <run>/eval
-    try:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot write the output folder {out}: {e.strerror}") from e
+    out = output_folder(cfg)
     dm, ds = real_split(config["data"], cfg.split)
     extractors = build_extractors(cfg, channels=dm.channels)
     judge = extractors.get("classifier") or (
@@ -304,11 +364,19 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     real = {
         k: v[0] for k, v in real_features(cfg, extractors, cache, dm, cfg.split, cfg.num_real, device).items()
     }
+    real_stats = reference_stats(cfg, extractors, cache, dm, ds, real)
     setup = sampling_setup(cfg, model, ds, device=device)
+    protocol = {  # written beside every number: what it was measured against and how
+        "seeds": f"{setup['seeds'].start}-{setup['seeds'].stop - 1}",
+        "class_sampling": None if setup["labels"] is None else cfg.get("class_sampling", "balanced"),
+        "reference": f"{cfg.split}:{next(iter(real_stats.values())).n}" if real_stats else None,
+        "extractors": " ".join(f"{k}:{e.fingerprint[-12:]}" for k, e in extractors.items()),
+    }
 
     rows: list[dict[str, Any]] = []
     if cfg.reference_split is not None:
-        rows.append(reference_row(cfg, dm, extractors, judge, real, cache, device=device))
+        ref = reference_row(cfg, dm, extractors, judge, real, cache, device=device, real_stats=real_stats)
+        rows.append({**ref, **protocol, "seeds": None, "class_sampling": None})
 
     cells = [(s, int(k), g) for s in cfg.samplers for k in cfg.steps for g in setup["guidance_scales"]]
     for name, steps, g in tqdm(cells, desc="evaluate", disable=not cfg.progress):
@@ -323,9 +391,19 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             "sample_seconds": round(float(data["seconds"]), 2),
         }
         row.update(
-            score_cell(cfg, data, out / "features" / stem, extractors, real, judge, setup, device=device)
+            score_cell(
+                cfg,
+                data,
+                out / "features" / stem,
+                extractors,
+                real,
+                judge,
+                setup,
+                device=device,
+                real_stats=real_stats,
+            )
         )
-        rows.append(row)
+        rows.append({**row, **protocol})
         # after every cell, so an interrupted run keeps the rows it has
         write_tables(rows, out, title=_title(cfg, ds, dm))
     plot_metrics_vs_nfe(rows, out / "metrics_vs_nfe.png")
@@ -333,6 +411,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         "ckpt": str(cfg.ckpt),
         "real_split": cfg.split,
         "real_images": len(next(iter(real.values()))),
+        "protocol": {**protocol, "extractors": {k: e.fingerprint for k, e in extractors.items()}},
         "data": describe_datamodule(dm),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -347,7 +426,14 @@ def sampling_setup(cfg: DictConfig, model, ds, *, device) -> dict[str, Any]:
     an unguided model) and `guidance_opts`, the prompt `scorer`; what keys their cache (`ckpt_id`, `extra`)."""
     num_classes = model.num_classes
     text = model.is_text_conditional
-    labels = balanced_labels(cfg.num_samples, num_classes) if num_classes is not None and not text else None
+    seeds = seed_range(cfg.get("seeds"), cfg.num_samples)
+    labels = None
+    if num_classes is not None and not text:
+        labels = (
+            random_labels(cfg.num_samples, num_classes, seed=cfg.seed, start=seeds.start)
+            if cfg.get("class_sampling") == "random"
+            else balanced_labels(cfg.num_samples, num_classes, start=seeds.start)
+        )
     prompts = _prompts(ds, cfg.num_samples) if text else None
     scorer = (
         instantiate(cfg.prompt_scorer)
@@ -362,13 +448,24 @@ def sampling_setup(cfg: DictConfig, model, ds, *, device) -> dict[str, Any]:
         "rescale": guidance_opts.rescale or None,
         "interval": "-".join(f"{v:g}" for v in guidance_opts.interval or []) or None,
         "guide": md5sum(cfg.guide_ckpt)[:8] if cfg.get("guide_ckpt") else None,
+        "seeds": f"{seeds.start}-{seeds.stop - 1}" if seeds.start else None,
+        "labels": "random" if labels is not None and cfg.get("class_sampling") == "random" else None,
     }
     return dict(labels=labels, prompts=prompts, scorer=scorer, guidance_opts=guidance_opts, guidance_scales=guidance,
-                ckpt_id=ckpt_id, extra=extra)  # fmt: skip
+                ckpt_id=ckpt_id, extra=extra, seeds=seeds)  # fmt: skip
 
 
 def score_cell(
-    cfg: DictConfig, data: dict, features_stem: Path, extractors: dict, real: dict, judge, setup, *, device
+    cfg: DictConfig,
+    data: dict,
+    features_stem: Path,
+    extractors: dict,
+    real: dict,
+    judge,
+    setup,
+    *,
+    device,
+    real_stats: dict | None = None,
 ) -> dict[str, float]:
     """Every configured metric of a cell's samples (features cached as `<features_stem>.<extractor>-<id>.npz`)."""
     features = {
@@ -382,28 +479,39 @@ def score_cell(
         for fname, ext in extractors.items()
     }
     labels = (lambda: data["labels"]) if "labels" in data else None
-    row = score_set(cfg, features, real, judge, labels, lambda: data["images"], device=device)
+    row = score_set(
+        cfg, features, real, judge, labels, lambda: data["images"], device=device, real_stats=real_stats
+    )
     if setup["scorer"] is not None:
         images = uint8_to_images(data["images"]).to(device)
-        row["prompt_adherence"] = float(
-            setup["scorer"](images, [str(p) for p in data["prompts"]]).float().mean()
-        )
+        scores = setup["scorer"](images, [str(p) for p in data["prompts"]]).float().cpu().numpy()
+        row["prompt_adherence"] = float(scores.mean())
+        lo_hi = mean_interval(scores, resamples=cfg.get("bootstrap", 200), seed=cfg.seed)
+        row["prompt_adherence_lo"], row["prompt_adherence_hi"] = lo_hi
     return row
 
 
 def score_set(
-    cfg: DictConfig, features: dict, real: dict, judge, labels, images, *, device
+    cfg: DictConfig,
+    features: dict,
+    real: dict,
+    judge,
+    labels,
+    images,
+    *,
+    device,
+    real_stats: dict | None = None,
 ) -> dict[str, float]:
     """The metrics of one image set from its (features, logits) per extractor; class accuracy from the judge's
     logits (the `classifier` extractor's, else computed on `images()`) against `labels()` when there are any."""
     row: dict[str, float] = {}
     for fname, (feats, logits) in features.items():
-        row.update(score_features(fname, real[fname], feats, logits, cfg))
+        row.update(score_features(fname, real[fname], feats, logits, cfg, (real_stats or {}).get(fname)))
     if "class_accuracy" in cfg.metrics and judge is not None and labels is not None:
         logits = features["classifier"][1] if "classifier" in features else None
         if logits is None:
             logits = extract_all(judge, images(), batch_size=cfg.batch_size, device=device)[1]
-        row["class_accuracy"] = conditional_accuracy(logits, labels())
+        with_accuracy(row, logits, labels(), cfg)
     return row
 
 
@@ -494,12 +602,13 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, title: str = "Evaluat
     metrics = columns_of(rows, (*EVAL_KEYS, *EVAL_INFO))
     columns = [*EVAL_KEYS, *metrics, *EVAL_INFO]
     write_csv(rows, out / "metrics.csv", columns=columns)
-    lines = [f"# {title}", "", *markdown_table(rows, columns)]
+    lines = [f"# {title}", "", *markdown_table(*interval_cells(rows, columns))]
+    lines += ["", f"[lo, hi]: 95% bootstrap interval over the generated samples ({PROTOCOL_NOTE})."]
     refs = [r for r in rows if r["nfe"] == 0]
     cells = {(r["sampler"], r["guidance_scale"], r["steps"]): r for r in rows if r["nfe"] > 0}
     steps = sorted({k for _, _, k in cells})
     heads = [f"{k} steps" for k in steps]
-    for col in [c for c in metrics if c.startswith("fid_")]:
+    for col in [c for c in metrics if c.startswith("fid_") and not c.endswith(("_lo", "_hi"))]:
         for g in sorted({g for _, g, _ in cells}):
             table = [
                 {"sampler": s, **{h: cells.get((s, g, k), {}).get(col) for k, h in zip(steps, heads)}}

@@ -24,9 +24,37 @@ from diffusion_lab.diffusion.utils import randn_like
 SEEDING_RULE = "per-sample/1"  # evaluate reuses a cached sample file only when it was drawn by this rule
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    """0, 1, ..., K-1, 0, 1, ...: every class in turn (what a class model draws when no class is named)."""
-    return torch.arange(n) % num_classes
+def balanced_labels(n: int, num_classes: int, *, start: int = 0) -> torch.Tensor:
+    """Label (start + i) mod K for sample i: every class in turn (what a class model draws when no class is
+    named); exactly n / K of each class when K divides n."""
+    return (torch.arange(n) + start) % num_classes
+
+
+def seed_range(spec: str | int | None, n: int) -> range:
+    """The sample indices of a generated set: None = 0..n-1 (EDM's `--seeds=0-49999` convention for n = 50000),
+    "a-b" = a..b inclusive (must hold n indices), an int a = a..a+n-1."""
+    if spec is None or spec == "":
+        return range(n)
+    if isinstance(spec, int):
+        start, stop = spec, spec + n - 1
+    else:
+        try:
+            start, stop = (int(v) for v in str(spec).split("-"))
+        except ValueError:
+            raise ValueError(
+                f"seeds={spec!r} is not a range: use seeds=a-b (e.g. 0-49999) or a first seed"
+            ) from None
+    if start < 0 or stop - start + 1 != n:
+        raise ValueError(f"seeds={spec} holds {stop - start + 1} seeds but num_samples={n}: make them match")
+    return range(start, stop + 1)
+
+
+def random_labels(n: int, num_classes: int, *, seed: int, start: int = 0) -> torch.Tensor:
+    """An independent uniform label per sample index (from `sample_seed(seed, index)`, as EDM draws a class per
+    seed): the class counts vary like a multinomial sample."""
+    return torch.tensor(
+        [np.random.default_rng(sample_seed(seed, start + i)).integers(num_classes) for i in range(n)]
+    )
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -106,18 +134,21 @@ def generate(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    first_index: int = 0,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (start, stop, images in [-1, 1] on the model's device) for this rank's chunks of `num_samples`.
 
     `labels` (N,) / `prompts` (N texts): the condition of each sample (`model.condition`); none: unconditional
     (a text model then samples the empty caption). `guidance`: its rescale / interval / guide (autoguidance),
-    at `guidance_scale`; without a condition or a guide, guidance is off."""
+    at `guidance_scale`; without a condition or a guide, guidance is off. `first_index`: sample i is drawn as
+    sample `first_index + i` (a seed range that starts elsewhere, EDM's `--seeds=a-b`)."""
     guidance = guidance or Guidance()
     device = model.device
     chunks = list(iter_chunks(num_samples, batch_size, rank=rank, world_size=world_size))
     for _, start, stop in tqdm(chunks, desc="chunks", disable=not progress or len(chunks) < 2, leave=False):
         generators = [
-            torch.Generator(device=device).manual_seed(sample_seed(seed, i)) for i in range(start, stop)
+            torch.Generator(device=device).manual_seed(sample_seed(seed, first_index + i))
+            for i in range(start, stop)
         ]
         x_T = randn_like(torch.empty((stop - start, *model.sample_shape), device=device), generators)
         cond = model.condition(
