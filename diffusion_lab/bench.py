@@ -33,8 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
+from diffusion_lab import conf
+from diffusion_lab.files import write_text_atomic
+from diffusion_lab.generate import resolve_device
 from diffusion_lab.nets.dit import DiT
 from diffusion_lab.nets.unet import UNet
 
@@ -65,20 +69,19 @@ class Preset:
     sample_batch_gpu: int = 256
 
 
+def net_yaml(name: str, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments of `conf/model/net/<name>.yaml`, with `overrides` (what the data sets: channels)."""
+    node = OmegaConf.load(Path(conf.__file__).parent / "model" / "net" / f"{name}.yaml")
+    node = OmegaConf.merge(node, overrides)
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+
+
 PRESETS: dict[str, Preset] = {
     # the quickstart's net (conf/model/net/unet_small.yaml) on 16x16 digits, class-conditional
     "quickstart": Preset(
         name="quickstart",
         image_size=16,
-        net=dict(
-            in_channels=1,
-            base_channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attention_levels=(1,),
-            num_heads=4,
-            num_classes=10,
-        ),
+        net=net_yaml("unet_small", in_channels=1),
         batch_cpu=64,
         batch_gpu=256,
     ),
@@ -86,52 +89,16 @@ PRESETS: dict[str, Preset] = {
     "cifar": Preset(
         name="cifar",
         image_size=32,
-        net=dict(
-            in_channels=3,
-            base_channels=128,
-            channel_mult=(1, 2, 2, 2),
-            num_res_blocks=2,
-            attention_levels=(1,),
-            num_heads=4,
-            num_classes=None,
-        ),
+        net=net_yaml("unet", in_channels=3),
         batch_cpu=8,
         batch_gpu=128,
         sample_batch_cpu=8,
-    ),
-    # a tiny size for tests
-    "tiny": Preset(
-        name="tiny",
-        image_size=8,
-        net=dict(
-            in_channels=1,
-            base_channels=16,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_levels=(1,),
-            num_heads=2,
-            num_classes=3,
-            norm_groups=8,
-        ),
-        batch_cpu=4,
-        batch_gpu=4,
-        sample_steps=2,
-        sample_batch_cpu=2,
-        sample_batch_gpu=2,
     ),
     # experiment=fashion_mnist's UNet: unet_small with attention at 8x8, class-conditional, 32 px, batch 32
     "fashion": Preset(
         name="fashion",
         image_size=32,
-        net=dict(
-            in_channels=1,
-            base_channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attention_levels=(2,),
-            num_heads=4,
-            num_classes=10,
-        ),
+        net=net_yaml("unet_fashion", in_channels=1),
         batch_cpu=32,
         batch_gpu=256,
     ),
@@ -141,7 +108,7 @@ PRESETS: dict[str, Preset] = {
         image_size=32,
         kind="dit",
         versus="fashion",
-        net=dict(in_channels=1, patch_size=4, hidden_size=192, depth=8, num_heads=6, num_classes=10),
+        net=net_yaml("dit_tiny", in_channels=1),
         batch_cpu=32,
         batch_gpu=256,
     ),
@@ -150,23 +117,10 @@ PRESETS: dict[str, Preset] = {
         name="dit_s",
         image_size=32,
         kind="dit",
-        net=dict(in_channels=4, patch_size=2, hidden_size=384, depth=12, num_heads=6, num_classes=1000),
+        net=net_yaml("dit_s", in_channels=4, num_classes=1000),
         batch_cpu=8,
         batch_gpu=256,
         sample_batch_cpu=8,
-    ),
-    # a tiny DiT for tests, beside the tiny UNet
-    "tiny_dit": Preset(
-        name="tiny_dit",
-        image_size=8,
-        kind="dit",
-        versus="tiny",
-        net=dict(in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3),
-        batch_cpu=4,
-        batch_gpu=4,
-        sample_steps=2,
-        sample_batch_cpu=2,
-        sample_batch_gpu=2,
     ),
 }
 NETS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
@@ -447,45 +401,18 @@ def peak_flops(device: torch.device, s: Settings) -> float | None:
 
 # ------------------------------------------------------------------ one preset
 def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, sampling: bool = True) -> dict:
-    from diffusion_lab.diffusion import get_sampler
-    from diffusion_lab.diffusion.schedules import get_schedule
-
     gpu = s.device.type == "cuda"
     batch_size = preset.batch_gpu if gpu else preset.batch_cpu
     batch = make_batch(preset, batch_size, s)
     torch.manual_seed(0)
     nets = build_nets(preset)
     n_ours, n_theirs = count_params(nets["ours"]), count_params(nets["diffusers"])
-    flops = {name: count_flops(copy.deepcopy(net).to(s.device), batch, s) for name, net in nets.items()}
-    acts = {}
-    for name, net in nets.items():
-        probe = copy.deepcopy(net).to(s.device)
-        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
-        with _autocast(s):
-            acts[name] = activation_bytes(
-                lambda probe=probe, cond=cond: probe(batch["x"], batch["t"], **cond)
-            )
+    flops, acts = probe_nets(nets, batch, s)
     contenders = []
     for name, net in nets.items():
         net = prepare(net, s)
         contenders.append(Contender(name, net, train_step_fn(net, batch, s)))
-
-    peak_mem = {}
-    for c in contenders:  # warm-up (and compilation) outside the timed repeats
-        if gpu:  # this net's step: activations, gradients, optimizer state, above what was resident
-            _sync(s.device)
-            torch.cuda.reset_peak_memory_stats(s.device)
-            resident = torch.cuda.memory_allocated(s.device)
-        for _ in range(warmup):
-            c.step()
-        _sync(s.device)
-        if gpu:
-            peak_mem[c.name] = torch.cuda.max_memory_allocated(s.device) - resident
-    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
-        for c in contenders:
-            wall, cpu = time_call(c.step, s.device)
-            c.train_times.append(wall)
-            c.train_cpu_times.append(cpu)
+    peak_mem = time_training(contenders, s, repeats=repeats, warmup=warmup)
 
     out: dict[str, Any] = {
         "preset": preset.name,
@@ -515,45 +442,93 @@ def bench_preset(preset: Preset, s: Settings, *, repeats: int, warmup: int, samp
     out["achieved_tflops"] = {k: flops[k] / med[k] / 1e12 for k in med}
 
     if sampling:  # DDIM + CFG through our sampler: one batched forward of 2B per step
-        schedule = get_schedule("linear", num_timesteps=1000)
-        sampler = get_sampler("ddim", steps=preset.sample_steps)
-        n = preset.sample_batch_gpu if gpu else preset.sample_batch_cpu
-        g = torch.Generator().manual_seed(1)
-        x_T = torch.randn(n, preset.net["in_channels"], preset.image_size, preset.image_size, generator=g)
-        x_T = x_T.to(s.device)
-        cond = uncond = None
-        scale = 1.0
-        if preset.net.get("num_classes"):
-            k = preset.net["num_classes"]
-            cond = {"class_labels": torch.arange(n, device=s.device) % k}
-            uncond = {"class_labels": torch.full((n,), k, device=s.device)}
-            scale = 3.0
-        calls = {}
-        for c in contenders:
-            c.net.eval()
-            counted = _CallCounter(c.net)
-
-            def run(counted=counted):
-                with torch.inference_mode(), _autocast(s):
-                    sampler(counted, x_T, schedule, cond=cond, uncond=uncond, guidance_scale=scale)
-
-            run()  # warm-up
-            counted.calls = 0
-            for _ in range(max(1, repeats // 2)):
-                c.sample_times.append(time_call(run, s.device)[0])
-            calls[c.name] = counted.calls / max(1, repeats // 2) / preset.sample_steps
-        smed = {c.name: statistics.median(c.sample_times) for c in contenders}
-        out["sampling"] = {
-            "sampler": f"ddim {preset.sample_steps} steps, guidance {scale}",
-            "batch": n,
-            "images_per_s": {k: n / v for k, v in smed.items()},
-            "forward_calls_per_step": calls,
-            "speed_ratio": smed["diffusers"] / smed["ours"],
-        }
+        out["sampling"] = time_sampling(preset, contenders, s, repeats=repeats)
     if preset.versus is not None:  # the backbone comparison: our UNet's step time over our DiT's
         out["versus"] = preset.versus
         out["unet_over_dit_step"] = med["unet"] / med["ours"]
     return out
+
+
+def probe_nets(
+    nets: dict[str, nn.Module], batch: dict[str, torch.Tensor], s: Settings
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(FLOPs of one training step, activation bytes) per net, each measured on a copy."""
+    flops = {name: count_flops(copy.deepcopy(net).to(s.device), batch, s) for name, net in nets.items()}
+    acts = {}
+    for name, net in nets.items():
+        probe = copy.deepcopy(net).to(s.device)
+        cond = {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+        with _autocast(s):
+            acts[name] = activation_bytes(
+                lambda probe=probe, cond=cond: probe(batch["x"], batch["t"], **cond)
+            )
+    return flops, acts
+
+
+def time_training(contenders: list[Contender], s: Settings, *, repeats: int, warmup: int) -> dict[str, int]:
+    """Warm up each contender, then time their training steps interleaved; the GPU peak memory per net."""
+    gpu = s.device.type == "cuda"
+    peak_mem = {}
+    for c in contenders:  # warm-up (and compilation) outside the timed repeats
+        if gpu:  # this net's step: activations, gradients, optimizer state, above what was resident
+            _sync(s.device)
+            torch.cuda.reset_peak_memory_stats(s.device)
+            resident = torch.cuda.memory_allocated(s.device)
+        for _ in range(warmup):
+            c.step()
+        _sync(s.device)
+        if gpu:
+            peak_mem[c.name] = torch.cuda.max_memory_allocated(s.device) - resident
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        for c in contenders:
+            wall, cpu = time_call(c.step, s.device)
+            c.train_times.append(wall)
+            c.train_cpu_times.append(cpu)
+    return peak_mem
+
+
+def time_sampling(
+    preset: Preset, contenders: list[Contender], s: Settings, *, repeats: int
+) -> dict[str, Any]:
+    """DDIM with classifier-free guidance through our sampler, timed per contender."""
+    from diffusion_lab.diffusion import Guidance, get_process, get_sampler
+
+    gpu = s.device.type == "cuda"
+    schedule = get_process("linear", num_timesteps=1000)
+    sampler = get_sampler("ddim", steps=preset.sample_steps)
+    n = preset.sample_batch_gpu if gpu else preset.sample_batch_cpu
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(n, preset.net["in_channels"], preset.image_size, preset.image_size, generator=g)
+    x_T = x_T.to(s.device)
+    cond = uncond = None
+    scale = 1.0
+    if preset.net.get("num_classes"):
+        k = preset.net["num_classes"]
+        cond = {"class_labels": torch.arange(n, device=s.device) % k}
+        uncond = {"class_labels": torch.full((n,), k, device=s.device)}
+        scale = 3.0
+    calls = {}
+    for c in contenders:
+        c.net.eval()
+        counted = _CallCounter(c.net)
+
+        def run(counted=counted):
+            with torch.inference_mode(), _autocast(s):
+                sampler(counted, x_T, schedule, cond=cond, uncond=uncond, guidance=Guidance(scale=scale))
+
+        run()  # warm-up
+        counted.calls = 0
+        for _ in range(max(1, repeats // 2)):
+            c.sample_times.append(time_call(run, s.device)[0])
+        calls[c.name] = counted.calls / max(1, repeats // 2) / preset.sample_steps
+    smed = {c.name: statistics.median(c.sample_times) for c in contenders}
+    return {
+        "sampler": f"ddim {preset.sample_steps} steps, guidance {scale}",
+        "batch": n,
+        "images_per_s": {k: n / v for k, v in smed.items()},
+        "forward_calls_per_step": calls,
+        "speed_ratio": smed["diffusers"] / smed["ours"],
+    }
 
 
 class _CallCounter(nn.Module):
@@ -577,7 +552,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
 def bench_framework(s: Settings, *, repeats: int, warmup: int) -> dict:
     """The quickstart as trained: DiffusionSystem.diffusion_step + AdamW, and its data loader's rate."""
     from diffusion_lab.data.digits import DigitsDataModule
-    from diffusion_lab.diffusion.schedules import get_schedule
+    from diffusion_lab.diffusion import get_process
     from diffusion_lab.systems.diffusion import DiffusionSystem
 
     preset = PRESETS["quickstart"]
@@ -588,7 +563,7 @@ def bench_framework(s: Settings, *, repeats: int, warmup: int) -> dict:
     batch = {k: v.to(s.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
     system = DiffusionSystem(
         net=prepare(UNet(**preset.net), s),
-        schedule=get_schedule("linear"),
+        process=get_process("linear"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-3),
         image_size=16,
     ).to(s.device)
@@ -754,14 +729,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-sampling", action="store_true")
     parser.add_argument("--no-framework", action="store_true")
     parser.add_argument("--out", default="outputs/bench/bench.json", help="JSON file (a .md table beside it)")
+    parser.add_argument(
+        "--load-time", metavar="CKPT", help="time loading CKPT vs its safetensors export, nothing else"
+    )
     args = parser.parse_args(argv)
+    if args.load_time:
+        from diffusion_lab.export import format_load_times, time_loading
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        loads = time_loading(args.load_time, repeats=args.repeats)
+        print(format_load_times(loads))
+        return loads
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -787,11 +770,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     table = format_table(result)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_text_atomic(args.out, json.dumps(result, indent=2) + "\n", what="benchmark result")
     out.with_suffix(".md").write_text(table + "\n")
     print(f"[bench] wrote {out} and {out.with_suffix('.md')}")
     return result

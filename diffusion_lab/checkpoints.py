@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import logging
 import os
-from collections.abc import Mapping
+import pickle
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from diffusion_lab.files import CorruptFileError, verify_checksum
+from diffusion_lab.imports import locate
 from diffusion_lab.nets.autoencoder import AutoencoderKL
 from diffusion_lab.nets.classifier import ConvClassifier
-from diffusion_lab.validation import locate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHECKPOINT_KEY = "diffusion_lab"  # the block holding the resolved run config (callbacks.run_config.RunConfig)
 AUTOENCODER_KEY = "autoencoder"  # the self-contained block a stage-1 (or latent) checkpoint carries
 AUTOENCODER_FORMAT = "diffusion_lab.AutoencoderKL/1"
+RENAMED_MODEL_KEYS = {"schedule": "process", "prediction_type": "objective"}  # in stored model configs
+DIFFUSION_SYSTEM = "diffusion_lab.systems.diffusion.DiffusionSystem"  # named, not imported: systems sit above
 CLASSIFIER_SYSTEM = "diffusion_lab.systems.classifier.ClassifierSystem"
 CLASSIFIER_NET = "diffusion_lab.nets.classifier.ConvClassifier"
 TRAIN_CLASSIFIER_HINT = (
@@ -47,7 +55,13 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """A checkpoint file as a dict, its SHA-256 verified when one was written beside it (files without one pass);
     CheckpointError (one line) when missing, changed on disk, truncated or not a dict. `mmap`: tensors stay
-    memory-mapped (cheap for metadata, config and shapes)."""
+    memory-mapped (cheap for metadata, config and shapes).
+
+    Read weights-only (`torch.load(weights_only=True)`: tensors and plain Python values, which is all this
+    framework writes): a file whose pickle names anything else (a class, a function: code that unpickling would
+    run) is refused with UnsafeCheckpointError naming it, unless `trusted_checkpoints(True)` is in force (the
+    entry points' `trust_checkpoint=true`). A `.safetensors` export (`diffusion_lab.export`) reads as the
+    checkpoint it was made from, without its training state."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointNotFound(f"{what} not found: {path}" + (f". {hint}." if hint else ""))
@@ -55,18 +69,173 @@ def read_checkpoint(
         verify_checksum(path)
     except CorruptFileError as e:
         raise CheckpointError(f"checkpoint {e}") from e
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return read_safetensors(path, what=what, map_location=map_location)
+    trust = checkpoints_trusted()
+    if trust:
+        log.warning(
+            "trust_checkpoint=true: loading %s with full unpickling, which runs any code the file carries",
+            path,
+        )
     try:
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+            ckpt = torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
         except RuntimeError as e:  # mmap needs the zip format (torch >= 1.6); an older file is read whole
             if not mmap or "mmap" not in str(e):
                 raise
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+            ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+        raise refusal(path, e, what=what) from None
     except Exception as e:  # truncated, not a torch file, ...
         raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (it holds a {type(ckpt).__name__})")
     return ckpt
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle needs more than weights-only loading allows (it could run code)."""
+
+
+_trust_checkpoints = False  # set by `trusted_checkpoints` (the entry points' trust_checkpoint=true)
+
+
+def checkpoints_trusted() -> bool:
+    """Whether checkpoints are read with full unpickling now (`trusted_checkpoints(True)` in force)."""
+    return _trust_checkpoints
+
+
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+@contextmanager
+def trusted_checkpoints(trust: bool) -> Iterator[None]:
+    """Within this block, `read_checkpoint` unpickles fully (`trust`) or weights-only (the default)."""
+    global _trust_checkpoints
+    if not isinstance(trust, bool):
+        raise ValueError(f"trust_checkpoint must be true or false, got {trust!r}")
+    before, _trust_checkpoints = _trust_checkpoints, trust
+    try:
+        yield
+    finally:
+        _trust_checkpoints = before
+
+
+def trust_from_config(entry: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for an entry point whose first argument is its config: runs it with `trust_checkpoint`
+    (default false) in force for every checkpoint it reads (ckpt, guide, classifier, autoencoder, text encoder)."""
+
+    @functools.wraps(entry)
+    def run(cfg, *args: Any, **kwargs: Any) -> T:
+        with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
+            return entry(cfg, *args, **kwargs)
+
+    return run
+
+
+def refusal(path: str | os.PathLike, error: BaseException, *, what: str = "checkpoint") -> CheckpointError:
+    """The one-line error for a file that weights-only loading rejected: UnsafeCheckpointError naming the global
+    it wanted to unpickle (a class, a function); else (bytes that are no pickle at all) CheckpointError."""
+    text = str(error)
+    if m := _GLOBAL.search(text):
+        return UnsafeCheckpointError(
+            f"refusing to load {what} {path}: it wants to unpickle the global {m.group(1)!r}, which is not a tensor"
+            " or a plain value (unpickling it could run code). Load it only if you trust who made the file:"
+            " trust_checkpoint=true"
+        )
+    detail = " ".join(
+        text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].split()
+    )
+    return CheckpointError(f"cannot read {what} {path}: not a checkpoint (weights-only unpickler: {detail})")
+
+
+# ------------------------------------------------------------------------------------ safetensors
+SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_FORMAT = "diffusion_lab.export/1"
+EXPORT_KEYS = ("state_dict", CHECKPOINT_KEY, AUTOENCODER_KEY, "global_step", "epoch", "phema")
+TRAINING_STATE = (  # what a checkpoint for sampling leaves out (exports, post-hoc EMA reconstructions)
+    "optimizer_states",
+    "lr_schedulers",
+    "callbacks",
+    "loops",
+    "current_model_state",
+    "averaging_state",
+)
+
+
+def to_safetensors(ckpt: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a sampling checkpoint's `EXPORT_KEYS`: every tensor under its path of keys joined
+    by "/" (`state_dict/net.conv_in.weight`), stored once when several entries are the same tensor (a latent
+    model's autoencoder weights sit in `state_dict` and in the `autoencoder` block); the rest as JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+
+    def walk(node: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in node.items():
+            if not isinstance(k, str) or "/" in k:
+                raise CheckpointError(
+                    f"cannot export the key {k!r} under {prefix!r}: keys must be texts without '/'"
+                )
+            name = f"{prefix}/{k}" if prefix else k
+            if isinstance(v, Mapping):
+                out[k] = walk(v, name)
+            elif not isinstance(v, torch.Tensor):
+                out[k] = v
+            elif (
+                same := (v.untyped_storage().data_ptr(), v.storage_offset(), v.shape, v.stride(), v.dtype)
+            ) in seen:
+                aliases[name] = seen[same]
+            else:  # safetensors stores no shared or strided memory: a view of a stored storage is copied
+                t = v.detach().cpu()
+                tensors[name] = t.clone() if same[0] in storages or not t.is_contiguous() else t
+                seen[same] = name
+                storages.add(same[0])
+        return out
+
+    rest = walk({k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}, "")
+    try:
+        text = json.dumps(rest)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot export the checkpoint's config and metadata as JSON: {e}") from e
+    metadata = {"format": SAFETENSORS_FORMAT, "checkpoint": text, "aliases": json.dumps(aliases)}
+    return tensors, metadata
+
+
+def from_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The checkpoint dict `to_safetensors` took apart."""
+    ckpt = json.loads(metadata["checkpoint"])
+    aliases = json.loads(metadata.get("aliases") or "{}")
+    for name in [*tensors, *aliases]:
+        *parents, leaf = name.split("/")
+        node = ckpt
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = tensors[aliases.get(name, name)]
+    return ckpt
+
+
+def read_safetensors(path: Path, *, what: str = "checkpoint", map_location: Any = "cpu") -> dict[str, Any]:
+    """A `diffusion_lab.export` file as the sampling checkpoint it holds (tensors, run config, autoencoder block)."""
+    from safetensors import SafetensorError, safe_open
+
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a diffusion_lab export (metadata format {metadata.get('format')!r}, expected"
+            f" {SAFETENSORS_FORMAT!r}): write one with `python -m diffusion_lab.export ckpt=... out=...`"
+        )
+    return from_safetensors(tensors, metadata)
 
 
 def run_config(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
@@ -114,9 +283,17 @@ def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
 def standalone_model_config(model_config: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     """The model config to rebuild a checkpoint from the file alone: a latent model's autoencoder comes from
     the checkpoint itself (it carries the stage-1 block), weights to start from (`init_ckpt`) are not read (the
-    state_dict holds the trained ones), and a tokenizer vocabulary stored by name (before the caption words moved
-    to `data/`) is rebuilt from its name."""
+    state_dict holds the trained ones), a tokenizer vocabulary stored by name is rebuilt from its name, and keys
+    stored under their former names (RENAMED_MODEL_KEYS) are read under today's."""
     cfg = copy.deepcopy(dict(model_config))
+    for old, new in RENAMED_MODEL_KEYS.items():
+        if old in cfg and new not in cfg:
+            cfg[new] = cfg.pop(old)
+    if (
+        isinstance(cfg.get("process"), dict)
+        and cfg["process"].get("_target_") == "diffusion_lab.diffusion.get_schedule"
+    ):
+        cfg["process"] = {**cfg["process"], "_target_": "diffusion_lab.diffusion.get_process"}
     if "autoencoder_ckpt" in cfg:
         cfg["autoencoder_ckpt"] = str(path)
     text = cfg.get("text_encoder")
@@ -135,11 +312,12 @@ def standalone_model_config(model_config: Mapping[str, Any], path: str | os.Path
 def check_generative(config: Mapping[str, Any], path: str | os.PathLike) -> None:
     """CheckpointError unless the checkpoint's system is a diffusion model (not a classifier, an autoencoder or a
     text encoder run), before anything is built from it."""
-    from diffusion_lab.systems.diffusion import DiffusionSystem
-
     target = (config.get("model") or {}).get("_target_", "")
     cls = locate(target) if target else None
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionSystem)):
+    if not (
+        isinstance(cls, type)
+        and DIFFUSION_SYSTEM in {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+    ):
         raise CheckpointError(
             f"{path} is not a diffusion model checkpoint: it holds a {target.rsplit('.', 1)[-1] or 'system'}"
             f" (task {config.get('task_name')!r}); give the checkpoint of a diffusion run"
@@ -162,6 +340,24 @@ def weights_to_sample(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[
     return ckpt["state_dict"]
 
 
+def nonfinite_weights(state: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in a state_dict that hold a NaN or an inf."""
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
+def check_finite(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """CheckpointError (one line) when weights read from `path` hold NaN or inf: they would sample black images."""
+    if bad := nonfinite_weights(state):
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN/inf in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}):"
+            " damaged on disk, or saved after training diverged; use another checkpoint"
+        )
+
+
 def load_system(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild the trained diffusion system (EMA weights, eval mode) and its run config from a checkpoint alone."""
     from hydra.utils import instantiate  # the stored config names each constructor by its `_target_`
@@ -170,14 +366,16 @@ def load_system(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
     config = run_config(ckpt, path)
     check_generative(config, path)
     model = instantiate(standalone_model_config(config["model"], path), _convert_="all")
-    load_state_checked(model, weights_to_sample(ckpt, path), source=str(path))
+    weights = weights_to_sample(ckpt, path)
+    check_finite(weights, path)
+    load_state_checked(model, weights, source=str(path))
     model.eval().to(device)
     return model, config
 
 
 def load_guide(path: str | os.PathLike, model, *, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The net of a guide checkpoint for autoguidance (Karras et al. 2024): a weaker model of the same kind
-    (same process, prediction type and conditioning), e.g. an earlier checkpoint of the same run."""
+    (same process, objective and conditioning), e.g. an earlier checkpoint of the same run."""
     guide, _ = load_system(path, device=device)
     for what in ("process", "objective"):
         mine, theirs = getattr(model, what, None), getattr(guide, what, None)
@@ -240,6 +438,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[ConvClassifier, int, dict]
             f"expected {CLASSIFIER_SYSTEM} with a ConvClassifier net). {TRAIN_CLASSIFIER_HINT}."
         )
     net = ConvClassifier(**{k: v for k, v in net_cfg.items() if k != "_target_"})
+    check_finite(ckpt["state_dict"], path)
     load_state_checked(net, sub_state(ckpt["state_dict"], "net."), source=str(path))
     return net.eval(), int(model_cfg["image_size"]), config
 

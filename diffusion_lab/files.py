@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
 
 CHECKSUM_SUFFIX = ".sha256"
+TEMP_SUFFIX = ".partial"  # hidden temp files of atomic writes: `.NAME.XXXX.partial`
 _CHUNK = 1 << 22
 _verified: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) of the file last verified
 _UMASK = os.umask(0o022)
@@ -49,21 +54,10 @@ def readable_by_default(fd: int) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, what: str = "file") -> Path:
-    """Replace `path` by `text` (temp file in the same folder + rename): a reader sees the old or the new file."""
-    path = Path(path)
+    """Replace `path` by `text` (`atomic_save`): a reader sees the old or the new file."""
     with writing(path, what):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            readable_by_default(fd)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return path
+        atomic_save(text.encode(), path)
+    return Path(path)
 
 
 class HashingWriter:
@@ -119,6 +113,60 @@ def write_checksum(path: str | os.PathLike, digest: str) -> None:
     write_text_atomic(checksum_path(path), text, what="checksum of")
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(
+    obj: Any,
+    path: str | os.PathLike,
+    *,
+    save: Callable[[Any, Any], None] | None = None,
+    checksum: bool = False,
+) -> None:
+    """Write `obj` (bytes as they are, else through `save`: torch.save by default) to `path` so that `path` holds
+    either the old or the complete new file, never a partial one.
+
+    The bytes go to a hidden temp file in the same folder (`.NAME.XXXX.partial`, so the rename cannot cross a
+    filesystem), are fsynced, and replace `path` with `os.replace`; the folder is fsynced after the rename.
+    `checksum`: the SHA-256 of the bytes (hashed while writing) is recorded in `NAME.sha256` before the rename
+    (`diffusion_lab.files.write_checksum`). On any error the temp file is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    writer = None
+    try:
+        readable_by_default(fd)
+        with os.fdopen(fd, "wb") as f:
+            writer = HashingWriter(f)
+            writer.write(obj) if isinstance(obj, bytes) else (save or torch.save)(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        if checksum:
+            write_checksum(path, writer.sha256.hexdigest())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+            raise writer.error from e  # a full disk, not torch's "unexpected pos" that followed it
+        raise
+    _fsync_dir(path.parent)
+
+
 def verify_checksum(path: str | os.PathLike) -> bool:
     """CorruptFileError when `path` does not match the checksum recorded beside it; False when none is recorded
     (files written before checksums, or by other tools), True when it matches. Verified files are remembered
@@ -138,3 +186,36 @@ def verify_checksum(path: str | os.PathLike) -> bool:
         )
     _verified[key] = (st.st_size, st.st_mtime_ns)
     return True
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` and check a file can be written in it; ValueError with the OS's reason if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write the {what} {path}: {e.strerror or e}") from e
+    return path
+
+
+def cache_dir() -> Path:
+    """`$DIFFUSION_LAB_CACHE`, else `$XDG_CACHE_HOME/diffusion_lab`, else `~/.cache/diffusion_lab`."""
+    if os.environ.get("DIFFUSION_LAB_CACHE"):
+        return Path(os.environ["DIFFUSION_LAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "diffusion_lab"
+
+
+def package_file(package: str, *parts: str) -> Path | None:
+    """A data file shipped in an installed package, found WITHOUT importing it (lpips imports torchvision)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root, *parts)
+        if path.is_file():
+            return path
+    return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from einops import rearrange
 from PIL import Image
 
 from diffusion_lab.data.transforms import to_uint8
-from diffusion_lab.files import readable_by_default, writing
+from diffusion_lab.files import atomic_save, writing
 
 
 def make_grid(
@@ -37,16 +36,7 @@ def save_png(image: np.ndarray, path: str | os.PathLike, *, min_size: int = 256)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     with writing(path, "image"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-        readable_by_default(fd)
-        os.close(fd)
-        try:
-            img.save(tmp, format="PNG")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_save(img, path, save=lambda im, f: im.save(f, format="PNG"))
     return path
 
 

@@ -8,7 +8,11 @@ runs (the ones all runs share and `hydra.*` / `paths.*` are left out). Writes in
   report.md            the runs table (summary.json's numbers per run; values shared by every run listed once
                        above it), mean +- std over seeds when runs differ only by `seed`, and the evaluations
   report.csv           the same runs table, with one column per distinguishing override key (all columns)
-  report_seeds.csv     per configuration (runs that differ only by `seed`): n, mean and std of each number
+  report_seeds.csv     per configuration (runs that differ only by `seed`): n, mean, std and 95% t-interval
+                       (`_lo`, `_hi`) of each number
+  report_tests.csv     every pair of configurations, per number: Welch's t on the per-seed values, its p and
+                       Holm's p over the pairs of that number; significant = Holm's p < 0.05
+  final_metrics_seeds.png  one bar per configuration: mean over seeds, 95% t-interval as error bars, seeds as dots
   final_grids.png      a montage of each run's last sample grid, labelled by run
   report_eval.csv      every evaluate row, tagged with its run (only when evaluate folders were found)
   loss_curves.png      training (and validation) loss against step from each run's csv/metrics.csv
@@ -33,11 +37,15 @@ from typing import Any
 
 import yaml
 
+from diffusion_lab.metrics.intervals import LEVEL, holm, t_interval, welch_t_test
 from diffusion_lab.tables import (
+    EVAL_INFO,
+    EVAL_KEYS,
     colors,
     columns_of,
     figure,
     fmt,
+    interval_cells,
     is_num,
     legend_outside,
     markdown_table,
@@ -112,21 +120,36 @@ def find_folders(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(runs, key=_natural_key), sorted(evals, key=_natural_key)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def read_run(path: Path) -> Run:
     overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = (
-        [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
-        if overrides_file.is_file()
-        else []
-    )
+    try:
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    except (yaml.YAMLError, ValueError) as e:
+        raise ReportError(
+            f"{overrides_file} is not valid YAML ({_one_line(e)}): restore it or remove it"
+        ) from e
+    if not isinstance(overrides or [], list):
+        raise ReportError(
+            f"{overrides_file} is not a list of overrides (it holds a {type(overrides).__name__}): restore it"
+            " or remove it"
+        )
     summary_file = path / "summary.json"
     try:
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     except ValueError as e:  # truncated (a writer killed mid-write before train.py wrote it atomically)
         raise ReportError(
-            f"{summary_file} is not valid JSON ({e}): truncated? rerun that run or remove it"
+            f"{summary_file} is not valid JSON ({_one_line(e)}): truncated? rerun that run or remove it"
         ) from e
-    return Run(path=path, overrides=overrides, summary=summary)
+    if summary_file.is_file() and not isinstance(summary, dict):
+        raise ReportError(
+            f"{summary_file} is not a run summary (a JSON object; it holds a {type(summary).__name__}): rerun"
+            " that run or remove it"
+        )
+    return Run(path=path, overrides=[str(o) for o in overrides or []], summary=summary)
 
 
 def _number(value: str) -> Any:
@@ -193,7 +216,10 @@ def attach_evaluations(evals: list[Evaluation], runs: list[Run], root: Path | No
         candidates = [ev.path.resolve(), *ev.path.resolve().parents]
         info = ev.path / "eval.json"
         if info.is_file():
-            ckpt = json.loads(info.read_text()).get("ckpt")
+            try:
+                ckpt = json.loads(info.read_text()).get("ckpt")
+            except (ValueError, AttributeError) as e:
+                raise ReportError(f"{info} is not an evaluate record ({_one_line(e)}): remove it") from e
             if ckpt:  # <run>/checkpoints/x.ckpt
                 candidates.insert(0, Path(ckpt).resolve().parent.parent)
         ev.run = next((by_path[c] for c in candidates if c in by_path), None)
@@ -250,6 +276,8 @@ def write_markdown(
     erows: list[dict[str, Any]],
     plots: list[Path],
     srows: Sequence[dict[str, Any]] = (),
+    trows: Sequence[dict[str, Any]] = (),
+    esrows: Sequence[dict[str, Any]] = (),
 ) -> None:
     common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)] if runs else []
     constant = constant_columns(rows, columns)
@@ -272,11 +300,32 @@ def write_markdown(
         ]
     if srows:
         varying = [c for c in columns if c not in constant and any(f"{c}_mean" in r for r in srows)]
-        table = [{"run": r["run"], "seeds": r["n"], **{c: _mean_std(r, c) for c in varying}} for r in srows]
-        lines += ["", "## Over seeds (mean ± std)", ""] + markdown_table(table, ["run", "seeds", *varying])
-        lines += ["", "Runs that differ only by `seed`, grouped; std is the sample standard deviation."]
+        table = [
+            {
+                "run": r["run"],
+                "seeds": r["n"],
+                **{c: _mean_std(r, c) for c in varying},
+                **{f"{c} 95%": _interval(r, c) for c in varying},
+            }
+            for r in srows
+        ]
+        lines += ["", "## Over seeds (mean ± std, 95% interval)", ""]
+        heads = [h for c in varying for h in (c, f"{c} 95%")]
+        lines += markdown_table(table, ["run", "seeds", *heads])
+        lines += [
+            "",
+            "Runs that differ only by `seed`, grouped; std is the sample standard deviation, the interval the "
+            "Student-t 95% interval of the mean over seeds (wide with 2-3 seeds: that is the honest width).",
+        ]
+        lines += significance_lines([t for t in trows if "sampler" not in t])
+    if esrows:
+        lines += ["", "## Evaluations over seeds (mean [95% t-interval])", ""]
+        lines += markdown_table(*interval_cells(list(esrows), columns_of(esrows)))
+        lines += significance_lines([t for t in trows if "sampler" in t])
     if erows:
-        lines += ["", "## Evaluations", ""] + markdown_table(erows, columns_of(erows))
+        lines += ["", "## Evaluations", ""] + markdown_table(*interval_cells(erows, columns_of(erows)))
+        if any(k.endswith("_lo") for r in erows for k in r):
+            lines += ["", "[lo, hi]: 95% bootstrap interval over each evaluation's generated samples."]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     path.write_text("\n".join(lines) + "\n")
@@ -299,14 +348,21 @@ def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
     only groups of 2+ runs."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
+        if run.summary is None:  # a failed (or unfinished) job has no figures to count
+            continue
         rest = {k: v for k, v in run.varying.items() if k != "seed"}
         label = ", ".join(f"{k}={v}" for k, v in rest.items() if v != "") or "all runs"
         groups.setdefault(label, []).append(run)
     return {label: members for label, members in groups.items() if len(members) > 1}
 
 
+def seed_values(members: list[Run], column: str) -> list[float]:
+    return [float(v) for v in ((m.summary or {}).get(column) for m in members) if is_num(v)]
+
+
 def seed_rows(groups: dict[str, list[Run]], columns: list[str]) -> list[dict[str, Any]]:
-    """One row per seed group: n, and mean / std (sample std, ddof 1) of each summary number."""
+    """One row per seed group: n, and mean / std (sample std, ddof 1) / 95% t-interval (`_lo`, `_hi`) of each
+    summary number."""
     rows = []
     for label, members in groups.items():
         row: dict[str, Any] = {"run": label, "n": len(members)}
@@ -316,14 +372,114 @@ def seed_rows(groups: dict[str, list[Run]], columns: list[str]) -> list[dict[str
                 mean = sum(values) / len(values)
                 row[f"{c}_mean"] = mean
                 row[f"{c}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                row[f"{c}_lo"], row[f"{c}_hi"] = t_interval(values, level=LEVEL)
         rows.append(row)
     return rows
+
+
+def seed_tests(
+    groups: dict[str, list[Run]], columns: list[str], *, alpha: float = 0.05
+) -> list[dict[str, Any]]:
+    """Every pair of seed groups, per summary number with 2+ values in both: Welch's t-test on the per-seed values
+    (two-sided), Holm's adjustment over the pairs of that number, significant = Holm's p < alpha."""
+    values = {label: {c: seed_values(members, c) for c in columns} for label, members in groups.items()}
+    return pairwise_welch(values, [c for c in columns if c not in NOT_BARS], alpha=alpha)
+
+
+def pairwise_welch(
+    values: dict[str, dict[str, list[float]]], metrics: list[str], *, alpha: float = 0.05, **keys: Any
+) -> list[dict[str, Any]]:
+    """Welch's t between every pair of groups ({group: {metric: per-seed values}}) per metric with 2+ values in
+    both; Holm over the pairs of each metric. `keys` (e.g. the evaluate cell) are copied into every row."""
+    rows = []
+    labels = list(values)
+    for c in metrics:
+        tests = []
+        for i, a in enumerate(labels):
+            for b in labels[i + 1 :]:
+                va, vb = values[a].get(c, []), values[b].get(c, [])
+                if len(va) >= 2 and len(vb) >= 2:
+                    t, df, p = welch_t_test(va, vb)
+                    diff = sum(va) / len(va) - sum(vb) / len(vb)
+                    tests.append(
+                        {**keys, "metric": c, "a": a, "b": b, "diff": diff, "t": t, "df": df, "p": p}
+                    )
+        for test, p_holm in zip(tests, holm([t["p"] for t in tests]) if tests else []):
+            test["p_holm"], test["significant"] = p_holm, p_holm < alpha
+        rows += tests
+    return rows
+
+
+def eval_seed_rows(
+    evals: list[Evaluation], groups: dict[str, list[Run]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Evaluations of runs that differ only by seed, per (sampler, steps, guidance) cell: mean / std / 95%
+    t-interval (`_lo`, `_hi`) of each metric over seeds, and Welch + Holm between the groups at each cell."""
+    group_of = {id(run): label for label, members in groups.items() for run in members}
+    cells: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for ev in evals:
+        label = group_of.get(id(ev.run)) if ev.run is not None else None
+        for row in ev.rows if label is not None else []:
+            if is_num(row.get("nfe")) and row["nfe"] > 0:
+                key = (row["sampler"], row["steps"], row.get("guidance_scale"))
+                cells.setdefault(key, {}).setdefault(label, []).append(row)
+    skip = {"run", *EVAL_KEYS, *EVAL_INFO}
+    rows, tests = [], []
+    for (sampler, steps, guidance), by_group in cells.items():
+        metrics = [
+            c
+            for c in columns_of([r for rs in by_group.values() for r in rs], skip)
+            if not c.endswith(("_std", "_lo", "_hi"))
+        ]
+        values = {
+            label: {c: [float(r[c]) for r in rs if is_num(r.get(c))] for c in metrics}
+            for label, rs in by_group.items()
+        }
+        cell = {"sampler": sampler, "steps": steps, "guidance_scale": guidance}
+        for label, rs in by_group.items():
+            row = {"run": label, **cell, "nfe": rs[0].get("nfe"), "seeds": len(rs)}
+            for c, v in values[label].items():
+                if len(v) >= 2:
+                    mean = sum(v) / len(v)
+                    row[c], row[f"{c}_std"] = mean, math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+                    row[f"{c}_lo"], row[f"{c}_hi"] = t_interval(v, level=LEVEL)
+            rows.append(row)
+        tests += pairwise_welch(values, metrics, **cell)
+    return rows, tests
+
+
+def significance_lines(trows: Sequence[dict[str, Any]]) -> list[str]:
+    """The markdown verdict: which pairs of configurations differ beyond chance, and by which test."""
+    if not trows:
+        return []
+    lines = [
+        "",
+        "### Differences beyond chance",
+        "",
+        "Welch's t-test (two-sided) on the per-seed values of each pair of configurations; p-values adjusted by "
+        "Holm over the pairs of each number (not across numbers: with many numbers, expect some false alarms); "
+        "significant = adjusted p < 0.05. With 2-3 seeds only large, consistent gaps pass: "
+        "'not significant' means 'not shown', not 'equal'. All pairs are in report_tests.csv.",
+        "",
+    ]
+    hits = [r for r in trows if r["significant"]]
+    if not hits:
+        return [*lines, "No pair differs beyond chance."]
+    table = [{**r, "diff": r["diff"], "p": r["p"], "p_holm": r["p_holm"]} for r in hits]
+    cell = [k for k in ("sampler", "steps", "guidance_scale") if k in hits[0]]
+    return lines + markdown_table(table, [*cell, "metric", "a", "b", "diff", "t", "df", "p", "p_holm"])
 
 
 def _mean_std(row: dict[str, Any], column: str) -> str:
     if f"{column}_mean" not in row:
         return ""
     return f"{fmt(row[f'{column}_mean'])} ± {fmt(row[f'{column}_std'])}"
+
+
+def _interval(row: dict[str, Any], column: str) -> str:
+    if f"{column}_lo" not in row:
+        return ""
+    return f"[{fmt(row[f'{column}_lo'])}, {fmt(row[f'{column}_hi'])}]"
 
 
 def final_grid(run: Run) -> Path | None:
@@ -432,6 +588,40 @@ def plot_final_metrics(runs: list[Run], columns: list[str], path: Path) -> Path 
     return path
 
 
+def plot_seed_metrics(groups: dict[str, list[Run]], srows: list[dict[str, Any]], path: Path) -> Path | None:
+    """One horizontal bar chart per summary number: a bar per seed group at its mean, the 95% t-interval as
+    error bars and each seed's value as a dot."""
+    metrics = [c[: -len("_mean")] for c in columns_of(srows) if c.endswith("_mean")]
+    metrics = [m for m in metrics if m not in NOT_BARS]
+    if not metrics:
+        return None
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    label_width = max(len(r["run"]) for r in srows)
+    fig = figure(max(9.0, ncols * (2.6 + 0.065 * label_width)), nrows * (1.0 + 0.42 * len(srows)))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    palette = colors(len(srows))
+    y = list(range(len(srows)))
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
+        means = [r.get(f"{metric}_mean", math.nan) for r in srows]
+        err = [
+            [m - r.get(f"{metric}_lo", m) for m, r in zip(means, srows)],
+            [r.get(f"{metric}_hi", m) - m for m, r in zip(means, srows)],
+        ]
+        ax.barh(y, [0.0 if math.isnan(m) else m for m in means], color=palette, xerr=err, capsize=3)
+        for yi, r in zip(y, srows):
+            values = seed_values(groups[r["run"]], metric)
+            ax.plot(values, [yi] * len(values), "k.", markersize=4)
+        ax.set_yticks(y, [r["run"] for r in srows] if i % ncols == 0 else [""] * len(srows), fontsize="small")
+        ax.invert_yaxis()
+        ax.set_title(f"{metric} (mean, 95% t-interval)", fontsize="medium")
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_final_grids(runs: list[Run], path: Path) -> Path | None:
     """A montage of each run's final sample grid (one panel per run, titled by its label)."""
     from PIL import Image
@@ -456,9 +646,8 @@ def plot_final_grids(runs: list[Run], path: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ the report
-def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
-    """Gather runs and evaluations below `dirs`, write the tables and plots into `out`; return what was written."""
-    sources = [Path(d) for d in dirs]
+def gather_folders(sources: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(run folders, evaluate folders) below `sources`, each once; ReportError when there are none."""
     if not sources:
         raise ReportError("give at least one folder: a multirun folder, run folders or evaluate folders")
     runs_paths: list[Path] = []
@@ -474,6 +663,13 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
             f"no runs under {', '.join(map(str, sources))}: expected run folders (with .hydra/overrides.yaml or "
             "summary.json, as diffusion_lab.train writes) or evaluate folders (metrics.csv)"
         )
+    return runs_paths, eval_paths
+
+
+def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
+    """Gather runs and evaluations below `dirs`, write the tables and plots into `out`; return what was written."""
+    sources = [Path(d) for d in dirs]
+    runs_paths, eval_paths = gather_folders(sources)
     root = sources[0] if len(sources) == 1 else _common_root(sources)
     out_dir = Path(out) if out is not None else (sources[0] if len(sources) == 1 else Path("report"))
     try:
@@ -492,7 +688,11 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
     written: dict[str, Any] = {"runs": len(runs), "evaluations": len(evals), "out": str(out_dir)}
     files = []
     plots = []
-    srows = seed_rows(seed_groups(runs), columns)
+    groups = seed_groups(runs)
+    srows = seed_rows(groups, columns)
+    trows = seed_tests(groups, columns)
+    esrows, etrows = eval_seed_rows(evals, groups)
+    trows += etrows
     if runs:
         write_csv(rows, out_dir / "report.csv")
         files.append(out_dir / "report.csv")
@@ -504,10 +704,18 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
     if srows:
         write_csv(srows, out_dir / "report_seeds.csv")
         files.append(out_dir / "report_seeds.csv")
+        plots.append(plot_seed_metrics(groups, srows, out_dir / "final_metrics_seeds.png"))
+    if trows:
+        write_csv(trows, out_dir / "report_tests.csv")
+        files.append(out_dir / "report_tests.csv")
     if erows:
         write_csv(erows, out_dir / "report_eval.csv")
         files.append(out_dir / "report_eval.csv")
         plots.append(plot_metrics_vs_nfe(erows, out_dir / "metrics_vs_nfe.png"))
+    if esrows:
+        write_csv(esrows, out_dir / "report_eval_seeds.csv")
+        files.append(out_dir / "report_eval_seeds.csv")
+        plots.append(plot_metrics_vs_nfe(esrows, out_dir / "metrics_vs_nfe_seeds.png"))
     plots = [p for p in plots if p is not None]
     write_markdown(
         out_dir / "report.md",
@@ -518,9 +726,19 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[st
         erows=erows,
         plots=plots,
         srows=srows,
+        trows=trows,
+        esrows=esrows,
     )
     files = [out_dir / "report.md", *files, *plots]
-    written.update({"files": [str(f) for f in files], "rows": rows, "eval_rows": erows, "seed_rows": srows})
+    written.update(
+        {
+            "files": [str(f) for f in files],
+            "rows": rows,
+            "eval_rows": erows,
+            "seed_rows": srows,
+            "seed_tests": trows,
+        }
+    )
     return written
 
 

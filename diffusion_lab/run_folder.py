@@ -15,7 +15,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
+from diffusion_lab.checkpoints import CheckpointError, UnsafeCheckpointError, read_checkpoint
 from diffusion_lab.files import write_text_atomic, writing
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,15 @@ def resume_point(path: str | os.PathLike) -> ResumePoint:
     ckpt = read_checkpoint(path, mmap=True)
     if "global_step" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no global_step): cannot resume from it")
+    if "phema" in ckpt:  # written by `phema` / `evaluate sigma_rels=`: weights only, no training state
+        raise PostHocCheckpoint(
+            f"{path} is a post-hoc EMA reconstruction, not a training checkpoint: cannot resume from it"
+        )
+    if "optimizer_states" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds no training state (optimizer, loops): an export or a post-hoc EMA reconstruction is"
+            " for sampling; resume from a checkpoint the run wrote"
+        )
     finished = bool(
         ((ckpt.get("callbacks") or {}).get("FinalCheckpoint") or {}).get("training_finished", False)
     )
@@ -105,11 +114,16 @@ def resume_point(path: str | os.PathLike) -> ResumePoint:
 
 def newest_checkpoint(run_dir: str | os.PathLike) -> ResumePoint | None:
     """The checkpoint of `<run>/checkpoints` at the highest step (the most recently written among equals) that
-    passes its checksum; damaged or unreadable ones are skipped with a warning. None when there is none."""
+    passes its checksum; damaged or unreadable ones are skipped with a warning, one that weights-only loading
+    refuses stops the run (UnsafeCheckpointError). None when there is none."""
     found = []
     for p in Path(run_dir, "checkpoints").glob("*.ckpt"):
         try:
             found.append((resume_point(p), p.stat().st_mtime_ns))
+        except UnsafeCheckpointError:  # not damage: a file that would run code is refused, not passed over
+            raise
+        except PostHocCheckpoint:
+            continue  # not a state of this run's training
         except (CheckpointError, OSError) as e:
             log.warning("skipping %s: %s", p, e)
     if not found:
@@ -126,6 +140,10 @@ def holds_a_run(run_dir: str | os.PathLike) -> list[str]:
 
 def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return Path(folder).resolve() in Path(path).resolve().parents
+
+
+class PostHocCheckpoint(CheckpointError):
+    """A checkpoint reconstructed after training (post-hoc EMA): it samples, but holds no training state."""
 
 
 class AlreadyFinished(Exception):
@@ -164,23 +182,69 @@ def plan_resume(
         )
     if point is None:
         return None
+    completing = False
     if max_steps > 0 and point.step >= max_steps:
-        summary = run_dir / "summary.json"
-        if auto_resume and not ckpt_path and point.training_finished and summary.is_file():
+        if auto_resume and not ckpt_path and summarized_step(run_dir) >= point.step:
             raise AlreadyFinished(f"{run_dir} holds a finished run (step {point.step}): nothing to do")
-        raise RunFolderError(
-            f"nothing to train: {point.path} is at step {point.step} and trainer.max_steps={max_steps}; raise"
-            " trainer.max_steps to extend the run"
+        if not (auto_resume and not ckpt_path):
+            raise RunFolderError(
+                f"nothing to train: {point.path} is at step {point.step} and trainer.max_steps={max_steps};"
+                " raise trainer.max_steps to extend the run"
+            )
+        completing = True  # stopped during its end-of-run work (grids, accuracy, summary): do that now
+        log.info(
+            "auto_resume: %s ends at step %d without its summary: completing its end of run",
+            run_dir,
+            point.step,
         )
     if rank_zero and own:
         rewind_metrics(
-            run_dir / "csv" / "metrics.csv", step=point.step, training_finished=point.training_finished
+            run_dir / "csv" / "metrics.csv",
+            step=point.step,
+            training_finished=point.training_finished or completing,
         )
     log.info("resuming from %s (step %d)", point.path, point.step)
     return point
 
 
+def summarized_step(run_dir: str | os.PathLike) -> int:
+    """The step `<run>/summary.json` records (-1 when there is none or it cannot be read): a run whose newest
+    checkpoint is beyond it has not finished its end-of-run work."""
+    try:
+        steps = json.loads(Path(run_dir, "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return -1
+    return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else -1
+
+
 # ------------------------------------------------------------------------------------------ records
+HYDRA_RECORDS = ("config.yaml", "overrides.yaml", "hydra.yaml")
+_kept_records: dict[Path, str] = {}
+
+
+def keep_hydra_records(folders: list[Path], subdir: str = ".hydra") -> None:
+    """Remember the Hydra records (`<folder>/.hydra/*.yaml`) already in `folders`, before Hydra writes the new
+    command's over them: a refused command puts them back (`restore_hydra_records`)."""
+    _kept_records.clear()  # one Hydra run (or sweep) per process at a time
+    for folder in folders:
+        for name in HYDRA_RECORDS:
+            path = Path(folder, subdir, name)
+            if path.is_file():
+                _kept_records[path.resolve()] = path.read_text()
+
+
+def restore_hydra_records(run_dir: str | os.PathLike) -> list[Path]:
+    """Put back the Hydra records of `run_dir` that `keep_hydra_records` found there: the command was refused,
+    so they must go on describing the run in the folder. Returns the files restored."""
+    run_dir = Path(run_dir).resolve()
+    restored = []
+    for path, text in _kept_records.items():
+        if run_dir in path.parents and (not path.is_file() or path.read_text() != text):
+            write_text_atomic(path, text, what="Hydra record")
+            restored.append(path)
+    return restored
+
+
 def rewind_metrics(csv_path: str | os.PathLike, *, step: int, training_finished: bool) -> int:
     """Make `metrics.csv` end where the checkpoint a run resumes from stands: rows logged after it (step >= the
     checkpoint's step; none for a finished run's final checkpoint) are moved to `metrics_discarded.csv` beside

@@ -16,13 +16,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from diffusion_lab.checkpoints import load_system
+from diffusion_lab.checkpoints import load_system, trust_from_config
+from diffusion_lab.cli import exit_on_user_error, file_argument
 from diffusion_lab.console import quiet
 from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.files import write_text_atomic, writing
 from diffusion_lab.generate import balanced_labels, generate_all, guidance_options, resolve_device
 from diffusion_lab.images import save_grid
-from diffusion_lab.validation import exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def what_to_draw(model, *, n: int, class_label: Any, prompt: str | None) -> dict
         if not model.is_text_conditional:
             raise ValueError("prompt given, but this model is not text-conditional")
         warn_if_truncated(model.text_encoder, prompt)
+        warn_unknown_words(model.text_encoder, prompt)
         return {"prompts": [prompt] * n}
     num_classes = model.num_classes
     if class_label is None:
@@ -79,22 +80,62 @@ def warn_if_truncated(text_encoder, prompt: str) -> int:
     return dropped
 
 
+def warn_unknown_words(text_encoder, prompt: str) -> list[str]:
+    """Warn (and return them) about the prompt's words outside the text encoder's vocabulary (a word tokenizer's
+    `stoi`): the model sees each as the unknown token."""
+    from diffusion_lab.nets.text import split_words
+
+    stoi = getattr(getattr(text_encoder, "tokenizer", None), "stoi", None)
+    if not isinstance(stoi, dict):
+        return []
+    unknown = list(dict.fromkeys(w for w in split_words(prompt) if w not in stoi))
+    if unknown:
+        log.warning(
+            "the prompt's word(s) %s are not in the text encoder's vocabulary of %d words: the model sees each as"
+            " the unknown token",
+            ", ".join(repr(w) for w in unknown),
+            len(stoi),
+        )
+    return unknown
+
+
+SAMPLE_FILES = ("samples.npz", "grid.png", "sample.json")
+
+
+def output_folder(out: Any, *, ckpt: str, sampler) -> Path:
+    """Where samples go, never over earlier ones: an `out=` folder that holds samples is refused (the name was
+    chosen, so writing elsewhere would surprise); the default `<run>/samples_cli/<sampler>_<steps>` gets the
+    next free `_1`, `_2`, ... (a second call with another class or seed keeps the first one's samples)."""
+    if out:
+        out = Path(str(out))
+        if held := [f for f in SAMPLE_FILES if (out / f).exists()]:
+            raise ValueError(
+                f"out={out} already holds samples ({', '.join(held)}): give another out= folder, or move them away"
+            )
+        return out
+    base = Path(ckpt).resolve().parent.parent / "samples_cli" / f"{sampler.name}_{sampler.steps}"
+    out, i = base, 0
+    while any((out / f).exists() for f in SAMPLE_FILES):
+        i += 1
+        out = base.with_name(f"{base.name}_{i}")
+    return out
+
+
+@trust_from_config
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Draw `cfg.n` samples; write `grid.png`, `samples.npz` and `sample.json` into the output folder."""
     n = number(cfg.n, "n", integer=True, minimum=1)
     guidance_scale = number(cfg.guidance_scale, "guidance_scale", minimum=0)
     batch_size = number(cfg.batch_size, "batch_size", integer=True, minimum=1)
     seed = number(cfg.seed, "seed", integer=True)
+    nrow = None if cfg.nrow is None else number(cfg.nrow, "nrow", integer=True, minimum=1)
     if cfg.prompt is not None and not isinstance(cfg.prompt, str):
         raise ValueError(f"prompt must be a text, got {cfg.prompt!r}")
+    ckpt = file_argument(cfg.ckpt, "ckpt")
     sampler = instantiate(cfg.sampler)
     device = resolve_device(cfg.device)
-    model, _ = load_system(cfg.ckpt, device=device)
-    out = (
-        Path(cfg.out)
-        if cfg.out
-        else Path(cfg.ckpt).resolve().parent.parent / "samples_cli" / f"{sampler.name}_{sampler.steps}"
-    )
+    out = output_folder(cfg.out, ckpt=ckpt, sampler=sampler)
+    model, _ = load_system(ckpt, device=device)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -109,13 +150,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             seed=seed,
             batch_size=batch_size,
             guidance_scale=guidance_scale,
-            guidance_opts=guidance,
+            guidance=guidance,
             progress=True,
             **draw,
         )
     )
     classes = "labels" in draw and cfg.class_label is None and n >= model.num_classes
-    nrow = cfg.nrow or (model.num_classes if classes else max(1, int(math.sqrt(n))))
+    nrow = nrow or (model.num_classes if classes else max(1, int(math.sqrt(n))))
     save_grid(images, out / "grid.png", nrow=nrow)
     with writing(out / "samples.npz", "samples file"):  # a full disk: one line, "disk full"
         np.savez_compressed(out / "samples.npz", images=images, **{k: np.asarray(v) for k, v in draw.items()})
@@ -127,8 +168,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "n": n,
         "seed": seed,
         "guidance_scale": guidance_scale,
-        "guidance_rescale": guidance["guidance_rescale"],
-        "guidance_interval": guidance["guidance_interval"],
+        "guidance_rescale": guidance.rescale,
+        "guidance_interval": list(guidance.interval) if guidance.interval else None,
         "guide_ckpt": cfg.get("guide_ckpt"),
         "out": str(out),
     }

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 EVAL_KEYS = ("sampler", "steps", "nfe", "guidance_scale", "num_samples", "seed")  # what an evaluate row is of
-EVAL_INFO = ("sample_seconds",)  # bookkeeping, not a metric
+# bookkeeping and the protocol written beside every number (seed range, class sampling, reference split:size,
+# feature extractors' fingerprints), not metrics
+EVAL_INFO = ("sample_seconds", "seeds", "class_sampling", "reference", "extractors")
+INTERVAL_SUFFIXES = ("_lo", "_hi")  # `<metric>_lo`, `<metric>_hi`: the metric's 95% interval
 
 
 def is_num(v: Any) -> bool:
@@ -53,6 +56,29 @@ def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[s
     return lines
 
 
+def interval_of(row: dict[str, Any], column: str) -> tuple[float, float] | None:
+    """(low, high) of `column` in `row` when both interval columns hold numbers."""
+    lo, hi = (row.get(column + s) for s in INTERVAL_SUFFIXES)
+    return (float(lo), float(hi)) if is_num(lo) and is_num(hi) else None
+
+
+def interval_cells(
+    rows: list[dict[str, Any]], columns: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows, columns) for a markdown table: `x`, `x_lo`, `x_hi` merged into one cell "x [lo, hi]"."""
+    merged = [c for c in columns if all(c + s in columns for s in INTERVAL_SUFFIXES)]
+    drop = {c + s for c in merged for s in INTERVAL_SUFFIXES}
+    out = []
+    for row in rows:
+        new = dict(row)
+        for c in merged:
+            iv = interval_of(row, c)
+            if iv is not None and is_num(row.get(c)):
+                new[c] = f"{fmt(float(row[c]))} [{fmt(iv[0])}, {fmt(iv[1])}]"
+        out.append(new)
+    return out, [c for c in columns if c not in drop]
+
+
 def colors(n: int) -> list:
     from matplotlib import colormaps
 
@@ -74,7 +100,8 @@ def legend_outside(ax, handles=None, labels=None, title=None) -> None:
 
 
 def plot_metrics_vs_nfe(rows: list[dict[str, Any]], path: Path, *, x_label: str = "NFE") -> Path | None:
-    """One panel per metric against NFE (log axis), a line per (run, sampler, guidance scale): colour = run (or
+    """One panel per metric against NFE (log axis), a line per (run, sampler, guidance scale) with the metric's
+    interval as error bars where the rows have one (`_lo` / `_hi`): colour = run (or
     sampler, for a single run), marker = sampler, line style = guidance scale; rows at NFE 0 (real images) are
     dashed grey references. None when there is nothing to plot. `x_label` names the axis when "nfe" carries
     another value (evaluate's post-hoc EMA axis puts sigma_rel there)."""
@@ -82,7 +109,9 @@ def plot_metrics_vs_nfe(rows: list[dict[str, Any]], path: Path, *, x_label: str 
 
     skip = {"run", *EVAL_KEYS, *EVAL_INFO}
     metrics = [
-        c for c in columns_of(rows, skip) if not c.endswith("_std") and any(is_num(r.get(c)) for r in rows)
+        c
+        for c in columns_of(rows, skip)
+        if not c.endswith(("_std", *INTERVAL_SUFFIXES)) and any(is_num(r.get(c)) for r in rows)
     ]
     points = [r for r in rows if is_num(r.get("nfe")) and r["nfe"] > 0]
     if not metrics or not points:
@@ -103,14 +132,21 @@ def plot_metrics_vs_nfe(rows: list[dict[str, Any]], path: Path, *, x_label: str 
     for ax, metric in zip(axes, metrics):
         for run, s, g in itertools.product(runs, samplers, guidance):
             pts = sorted(
-                (r["nfe"], r[metric])
+                (r["nfe"], r[metric], interval_of(r, metric))
                 for r in points
                 if (r.get("run", ""), r["sampler"], r.get("guidance_scale")) == (run, s, g)
                 and is_num(r.get(metric))
             )
             if pts:
                 c = color[run if len(runs) > 1 else s]
-                ax.plot(*zip(*pts), color=c, marker=marker[s], linestyle=style[g], markersize=4)
+                x, y, ivs = zip(*pts)
+                err = [
+                    [v - (iv or (v, v))[0] for v, iv in zip(y, ivs)],
+                    [(iv or (v, v))[1] - v for v, iv in zip(y, ivs)],
+                ]
+                ax.errorbar(
+                    x, y, yerr=err, color=c, marker=marker[s], linestyle=style[g], markersize=4, capsize=2
+                )
         for value in dict.fromkeys(round(float(r[metric]), 6) for r in refs if is_num(r.get(metric))):
             ax.axhline(value, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")

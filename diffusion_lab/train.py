@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
+import re
 import signal
 import sys
 import time
@@ -20,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar, WeightAveraging
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -28,102 +27,56 @@ from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.callbacks.preemption import GracefulStop, Interrupted
-from diffusion_lab.callbacks.progress import StepProgressBar
 from diffusion_lab.callbacks.random_state import RandomState
 from diffusion_lab.callbacks.run_config import RunConfig
-from diffusion_lab.checkpoints import check_resume
+from diffusion_lab.checkpoints import CheckpointError, check_resume, trust_from_config
+from diffusion_lab.cli import exit_on_user_error
+from diffusion_lab.config_types import check_config
 from diffusion_lab.console import print_config_tree, quiet
+from diffusion_lab.files import ensure_writable_dir
+from diffusion_lab.imports import ConfigError
+from diffusion_lab.instantiate import (
+    build_callbacks,
+    build_loggers,
+    check_model_fits_data,
+    check_multirun_launch,
+    default_progress_bar,
+    finish_wandb,
+    log_hyperparameters,
+    log_summary,
+    summary_figures,
+    sweep_info,
+)
+from diffusion_lab.renamed import exit_on_renamed
 from diffusion_lab.run_folder import (
     AlreadyFinished,
+    RunFolderError,
     RunLock,
+    keep_hydra_records,
     launched_as_rank_zero,
     merge_summary,
     plan_resume,
+    restore_hydra_records,
     write_summary,
-)
-from diffusion_lab.validation import (
-    check_config,
-    check_model_fits_data,
-    ensure_writable_dir,
-    exit_on_user_error,
 )
 
 log = logging.getLogger(__name__)
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Every non-null entry of `cfg.callbacks` with a `_target_`."""
-    out = []
-    for name, node in (cfg.get("callbacks") or {}).items():
-        if node is None:
-            continue
-        if "_target_" not in node:
-            raise ValueError(f"callbacks.{name} has no _target_")
-        out.append(instantiate(node))
-    return out
-
-
-def build_loggers(cfg: DictConfig, *, sweep: dict[str, Any] | None = None) -> list:
-    """The configured loggers; inside a sweep (`sweep_info()`) wandb runs are grouped by the sweep."""
-    loggers = [
-        instantiate(node, **sweep_logger_kwargs(node, sweep, task_name=cfg.get("task_name")))
-        for node in (cfg.get("logger") or {}).values()
-        if node is not None
-    ]
-    for lg in loggers:  # Lightning's WandbLogger passes anonymous=None, which wandb >= 0.19 warns about
-        init = getattr(lg, "_wandb_init", None)
-        if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
-            del init["anonymous"]
-    return loggers
-
-
-def sweep_info() -> dict[str, Any] | None:
-    """The sweep folder, job number and overrides when this process runs a Hydra multirun job, else None."""
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return None
-    return {
-        "dir": hc.sweep.dir,
-        "num": hc.job.num,
-        "override_dirname": hc.job.override_dirname,
-        "overrides": list(hc.overrides.task),
-    }
-
-
-def sweep_group(sweep_dir: str | Path) -> str:
-    """A sweep's name in wandb: its folder's last two parts (`ablation_objective/2026-01-01_12-00-00`); evaluate
-    gives the same name to evaluations of the sweep's checkpoints."""
-    return "/".join(Path(sweep_dir).resolve().parts[-2:])
-
-
-def sweep_logger_kwargs(node: DictConfig, sweep: dict[str, Any] | None, *, task_name: str | None) -> dict:
-    """WandbLogger arguments that group the jobs of one sweep: `group` = the sweep, `job_type` = the task,
-    `name` = job number + overrides, only where the config leaves them unset (null, or the default name
-    `${task_name}`); the job's overrides are added to the configured `tags`."""
-    if sweep is None or not str(node.get("_target_", "")).endswith("WandbLogger"):
-        return {}
-    out: dict[str, Any] = {}
-    if node.get("group") is None:
-        out["group"] = sweep_group(sweep["dir"])
-    if node.get("job_type") is None:
-        out["job_type"] = task_name
-    out["tags"] = [*(node.get("tags") or []), *(o[:64] for o in sweep["overrides"])]  # wandb: 64 characters
-    if node.get("name") == task_name:
-        out["name"] = f"{sweep['num']}_{sweep['override_dirname']}"[:128]
-    return out
-
-
+@trust_from_config  # trust_checkpoint=true: ckpt_path / auto_resume / *_ckpt read with full unpickling
 def train(
     cfg: DictConfig, *, extra_callbacks: list[L.Callback] | None = None, multirun: bool = False
 ) -> dict[str, Any]:
     """Fit the configured system (`run_training`) while this process owns the run folder: a second run started in
     the same folder stops with one line instead of mixing its checkpoints and records into this one's."""
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
-    lock = RunLock(out_dir).acquire() if launched_as_rank_zero() else None
-    try:
+    lock = None
+    try:  # a refused command leaves the folder's Hydra records describing the run in it, not itself
+        lock = RunLock(out_dir).acquire() if launched_as_rank_zero() else None
         return run_training(cfg, extra_callbacks=extra_callbacks, multirun=multirun)
+    except (RunFolderError, ConfigError, CheckpointError):
+        restore_hydra_records(out_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -137,6 +90,7 @@ def run_training(
     out_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     config = OmegaConf.to_container(cfg, resolve=True)
     check_config(config)  # wrong types, unknown keys: one line
+    check_run_keys(config)
     if cfg.get("print_config", True):
         show_config(config, out_dir)
     try:  # ckpt_path, or the folder's newest checkpoint with auto_resume; records rewound to it
@@ -149,8 +103,11 @@ def run_training(
         )
     except AlreadyFinished as done:
         log.info("%s", done)
+        restore_hydra_records(out_dir)
         return json.loads((out_dir / "summary.json").read_text())
     ckpt_path = str(resume.path) if resume else None
+    max_steps = int(cfg.trainer.get("max_steps", -1))
+    completing = resume is not None and 0 < max_steps <= resume.step  # only the end-of-run work is left
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
@@ -170,6 +127,8 @@ def run_training(
     callbacks.extend(extra_callbacks or [])
     callbacks.extend(default_progress_bar(cfg, callbacks))
     callbacks.append(stop)  # last: its step-end save comes after the EMA update
+    if completing:
+        callbacks.append(CompleteRun())
     loggers = build_loggers(cfg, sweep=sweep_info())
     # every checkpoint write is atomic (temp file + fsync + rename) and refuses NaN weights
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
@@ -184,22 +143,9 @@ def run_training(
 
     last = out_dir / "checkpoints" / "last.ckpt"
     _save_final(trainer, model, last, raw=stop.final_checkpoint.raw_state)
-    summary: dict[str, Any] = {
-        "task_name": cfg.get("task_name"),
-        "output_dir": str(out_dir),
-        "steps": int(trainer.global_step),
-        "epochs": int(trainer.current_epoch),
-        "wall_seconds": round(time.time() - start, 2),
-        "final_train_loss": _float(trainer.callback_metrics.get("train/loss")),
-        "final_val_loss": _float(trainer.callback_metrics.get("val/loss")),
-        "last_checkpoint": str(last),
-        "resumed_from": ckpt_path,
-    }
-    summary.update(
-        {k: _float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "eval/"))}
+    summary = run_summary(
+        cfg, trainer, [model, *callbacks], out_dir=out_dir, start=start, ckpt_path=ckpt_path
     )
-    for part in (model, *callbacks):  # systems and callbacks may contribute (scale factor, grids, accuracy)
-        summary.update(getattr(part, "summary", None) or {})
     if trainer.is_global_zero:  # a run resumed into its folder keeps the earlier figures (`earlier`)
         summary = merge_summary(out_dir / "summary.json", summary)
         write_summary(out_dir / "summary.json", summary)
@@ -209,57 +155,80 @@ def run_training(
     return summary
 
 
+def run_summary(
+    cfg: DictConfig, trainer: L.Trainer, parts: list, *, out_dir: Path, start: float, ckpt_path: str | None
+) -> dict[str, Any]:
+    """What `summary.json` records of a finished fit: steps, time, final losses, val / eval figures and what the
+    system and callbacks contribute (`parts`' `summary`)."""
+    summary: dict[str, Any] = {
+        "task_name": cfg.get("task_name"),
+        "output_dir": str(out_dir),
+        "steps": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "wall_seconds": round(time.time() - start, 2),
+        "final_train_loss": _float(trainer.callback_metrics.get("train/loss")),
+        "final_val_loss": _float(trainer.callback_metrics.get("val/loss")),
+        "last_checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
+        "resumed_from": ckpt_path,
+    }
+    summary.update(
+        {k: _float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "eval/"))}
+    )
+    for part in parts:  # systems and callbacks may contribute (scale factor, grids, accuracy)
+        summary.update(getattr(part, "summary", None) or {})
+    return summary
+
+
+def check_run_keys(config: dict[str, Any]) -> None:
+    """ConfigError (one line) naming the key, for the top-level keys no constructor checks (`seed`, `print_config`,
+    `auto_resume`) and the trainer values whose Lightning message does not name theirs (`trainer.max_time`;
+    `trainer.max_steps=0`, which would train nothing)."""
+    seed = config.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ConfigError(f"seed={seed!r} must be an integer (or null for a random one)")
+    for key in ("print_config", "auto_resume"):
+        if not isinstance(config.get(key, False), bool):
+            raise ConfigError(f"{key} must be true or false, got {config[key]!r}")
+    max_time = (config.get("trainer") or {}).get("max_time")
+    if isinstance(max_time, str) and not re.fullmatch(r"\d+:\d+:\d+:\d+", max_time.strip()):
+        raise ConfigError(
+            f"trainer.max_time={max_time!r} is not a duration: give DD:HH:MM:SS, e.g. 00:12:00:00"
+        )
+    steps = (config.get("trainer") or {}).get("max_steps", -1)
+    if isinstance(steps, int) and not isinstance(steps, bool) and (steps == 0 or steps < -1):
+        raise ConfigError(
+            f"trainer.max_steps={steps} is not a number of steps: give one >= 1 (or -1 for an end set by"
+            " trainer.max_epochs / trainer.max_time)"
+        )
+
+
+class CompleteRun(L.Callback):
+    """Resuming a run whose checkpoint is already at `trainer.max_steps` (it was stopped during its end-of-run
+    work): Lightning's fit loop, restored at its end, would skip everything, hooks included; this runs the
+    `on_train_start` / `on_train_end` hooks of the callbacks and the module in its place, once the checkpoint's
+    state is restored, as the end of training would have (final checkpoint, grids, accuracy)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.trainer import call
+
+        loop = trainer.fit_loop
+        run = loop.run
+
+        def run_or_complete() -> None:
+            loop.setup_data()
+            if not loop.done:
+                return run()
+            for hook in ("on_train_start", "on_train_end"):
+                call._call_callback_hooks(trainer, hook)
+                call._call_lightning_module_hook(trainer, hook)
+
+        loop.run = run_or_complete
+
+
 @rank_zero_only
 def show_config(config: dict[str, Any], out_dir: Path) -> None:
     """Print the composed config as a tree (rich) and save it as `<run>/config_tree.log` (rank 0)."""
     print_config_tree(config, save_to=out_dir / "config_tree.log")
-
-
-def default_progress_bar(cfg: DictConfig, callbacks: list[L.Callback]) -> list[L.Callback]:
-    """[StepProgressBar()] unless the trainer shows no bar or a progress bar callback is configured."""
-    if not cfg.trainer.get("enable_progress_bar", True) or any(isinstance(c, ProgressBar) for c in callbacks):
-        return []
-    return [StepProgressBar()]
-
-
-def log_hyperparameters(loggers: list, config: dict[str, Any], *, model, datamodule) -> None:
-    """The composed config, once, to every logger. Lightning would also log the system's (and data module's)
-    `save_hyperparameters()` values as flat duplicate keys: that is switched off (what
-    `save_hyperparameters(logger=False)` sets), the composed config holds them all."""
-    for part in (model, datamodule):
-        if hasattr(part, "_log_hyperparams"):
-            part._log_hyperparams = False
-    for lg in loggers:
-        lg.log_hyperparams(config)
-
-
-def summary_figures(summary: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers of a run summary (what goes into loggers' summaries / HParams)."""
-    return {
-        k: float(v)
-        for k, v in summary.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
-
-
-def log_summary(loggers: list, summary: dict[str, Any], *, params: dict[str, Any], step: int) -> None:
-    """The run's final figures (summary.json's numbers) into every logger, after Lightning has finalized them:
-    wandb's run summary; TensorBoard's HParams dashboard (`log_hyperparams(params, metrics)`, written once,
-    here); other loggers (CSV, MLflow) as `summary/<name>` metrics at the last step."""
-    figures = summary_figures(summary)
-    if not figures:
-        return
-    prefixed = {f"summary/{k}": v for k, v in figures.items()}
-    for lg in loggers:
-        run_summary = getattr(lg.experiment, "summary", None)
-        if callable(getattr(run_summary, "update", None)):  # wandb
-            run_summary.update(figures)
-            continue
-        if "metrics" in inspect.signature(lg.log_hyperparams).parameters:  # TensorBoard
-            lg.log_hyperparams(params, metrics=prefixed)
-        else:
-            lg.log_metrics(prefixed, step=step)
-        lg.finalize("success")  # flush / close again
 
 
 def optimized_value(summary: dict[str, Any], name: str | None, *, required: bool) -> float | None:
@@ -285,34 +254,6 @@ def fit_or_interrupt(trainer: L.Trainer, model: L.LightningModule, **kwargs: Any
         raise Interrupted(signal.SIGTERM, f"stopped by SIGTERM at step {trainer.global_step}") from e
 
 
-def finish_wandb(exit_code: int = 0) -> None:
-    """End this process's wandb run, if one is open: Lightning leaves it open, and the next job of a sweep
-    (same process) would log into it instead of starting its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=exit_code)
-
-
-def check_multirun_launch(trainer: L.Trainer) -> None:
-    """Refuse DDP processes that Lightning would start itself inside a Hydra sweep job.
-
-    Lightning's launcher re-runs `sys.argv` for ranks > 0: under `-m` each of them re-runs the whole sweep
-    into another sweep folder, and joins whichever job reaches the rendezvous. Processes started from outside
-    (SLURM through `hydra/launcher=slurm`, torchrun) are fine."""
-    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and not (
-        env is not None and env.creates_processes_externally
-    ):
-        raise ValueError(
-            f"a Hydra multirun (-m) with {trainer.world_size} DDP processes that Lightning would launch itself:"
-            " it re-runs the command line for every rank, i.e. the whole sweep. Use hydra/launcher=slurm (SLURM"
-            " starts the processes), or `torchrun --nproc_per_node=N -m diffusion_lab.train -m ..."
-            " hydra.sweep.dir=<fixed>`, or one run per job without -m (README: Multiple GPUs and clusters)"
-        )
-
-
 def _save_final(trainer: L.Trainer, model: L.LightningModule, path, *, raw: dict | None) -> None:
     """Save `last.ckpt` with the raw weights in the module (EMA keeps its own copy), then restore the EMA ones."""
     if raw is None or not any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
@@ -333,13 +274,15 @@ def _float(x) -> float | None:
 class RunDirCheck(HydraCallback):
     """Hydra callback (conf/hydra/default.yaml): creates `hydra.run.dir` / `hydra.sweep.dir` (as Hydra would next;
     `${now:...}` is cached, so it is the same folder) and ends in one line and exit 1 when that fails, instead of
-    Hydra's traceback."""
+    Hydra's traceback; keeps the `.hydra/` records already there, for a refused command to put back."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
+        self._keep(config, [Path(config.hydra.run.dir)])
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._keep(config, [p for p in Path(config.hydra.sweep.dir).iterdir() if p.is_dir()])
 
     @staticmethod
     def _check(path: str, key: str) -> None:
@@ -348,6 +291,12 @@ class RunDirCheck(HydraCallback):
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+
+    @staticmethod
+    def _keep(config: DictConfig, folders: list[Path]) -> None:
+        """Keep the Hydra records already there (Hydra rewrites them before the job runs; a refusal restores them)."""
+        if config.hydra.get("output_subdir") is not None:
+            keep_hydra_records(folders, str(config.hydra.output_subdir))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -368,4 +317,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_renamed(sys.argv[1:])
     main()

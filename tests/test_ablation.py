@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion_lab.train import build_loggers, sweep_group, sweep_logger_kwargs
+from diffusion_lab.instantiate import build_loggers, sweep_group, sweep_logger_kwargs
 
 from conftest import CONF_DIR, TINY
 from conftest import compose as compose_train
@@ -43,18 +43,18 @@ def test_every_grid_point_composes_and_builds(experiment, tmp_path):
             for override in point:
                 key, value = override.split("=", 1)
                 node = OmegaConf.select(cfg, key)
-                got = node.name if key == "noise" else node  # a group: the option's registered name
+                got = node.name if key == "process" else node  # a group: the option's registered name
                 assert str(got) == value, (override, got)
             model = instantiate(cfg.model, _convert_="all")  # bad values fail here (names, ranges, widths)
-            assert model.prediction_type == cfg.model.prediction_type
+            assert model.objective.name == cfg.model.objective
 
 
 def test_sweep_groups_wandb_runs(tmp_path):
     sweep = {
         "dir": str(tmp_path / "multirun" / "ablation_objective" / "2026-01-01_00-00-00"),
         "num": 3,
-        "override_dirname": "experiment=ablation_objective,noise=cosine",
-        "overrides": ["experiment=ablation_objective", "noise=cosine", "x" * 80],
+        "override_dirname": "experiment=ablation_objective,process=cosine",
+        "overrides": ["experiment=ablation_objective", "process=cosine", "x" * 80],
     }
     cfg = compose_train("train", [*TINY, "logger=wandb", "experiment=ablation_objective"], tmp_path / "run")
     csv, logger = build_loggers(cfg, sweep=sweep)  # the CSV log stays beside wandb
@@ -62,8 +62,13 @@ def test_sweep_groups_wandb_runs(tmp_path):
     init = logger._wandb_init  # the wandb.init arguments (no run is started until logger.experiment)
     assert init["group"] == "ablation_objective/2026-01-01_00-00-00" == sweep_group(sweep["dir"])
     assert init["job_type"] == "ablation_objective"
-    assert init["name"] == "3_experiment=ablation_objective,noise=cosine"
-    assert init["tags"] == ["dev", "experiment=ablation_objective", "noise=cosine", "x" * 64]  # `tags` first
+    assert init["name"] == "3_experiment=ablation_objective,process=cosine"
+    assert init["tags"] == [
+        "dev",
+        "experiment=ablation_objective",
+        "process=cosine",
+        "x" * 64,
+    ]  # `tags` first
     assert "anonymous" not in init  # Lightning's None makes wandb warn
     # outside a sweep nothing changes; set values are kept
     assert build_loggers(cfg)[1]._wandb_init["group"] is None

@@ -18,11 +18,12 @@ from hydra.errors import InstantiationException
 from PIL import Image
 
 from diffusion_lab.checkpoints import CheckpointError
+from diffusion_lab.cli import exit_on_user_error, one_line
+from diffusion_lab.config_types import ConfigError, check_config
 from diffusion_lab.data.base import CorruptImageError, DatasetNotFoundError
 from diffusion_lab.data.folder import ImageFolderDataModule
 from diffusion_lab.sample import sample
 from diffusion_lab.train import train
-from diffusion_lab.validation import ConfigError, check_config, exit_on_user_error, one_line
 
 from conftest import CONF_DIR, TINY, compose
 
@@ -82,8 +83,8 @@ def test_every_shipped_config_passes_the_type_check(tmp_path):
 def test_unknown_group_option_lists_the_choices(tmp_path):
     from hydra.errors import MissingConfigException
 
-    with pytest.raises(MissingConfigException, match=r"Available options in 'noise':\s+cosine\s+linear"):
-        compose("train", ["noise=nope"], tmp_path)
+    with pytest.raises(MissingConfigException, match=r"Available options in 'process':\s+cosine\s+linear"):
+        compose("train", ["process=nope"], tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- data

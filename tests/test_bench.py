@@ -13,6 +13,50 @@ from torch.utils.flop_counter import sdpa_backward_flop_count
 from diffusion_lab import bench
 from diffusion_lab.nets.unet import UNet
 
+# tiny sizes for the tests, beside the shipped presets (`bench.PRESETS`)
+TINY = {
+    # a tiny size for tests
+    "tiny": bench.Preset(
+        name="tiny",
+        image_size=8,
+        net=bench.net_yaml(
+            "unet_small",
+            in_channels=1,
+            base_channels=16,
+            channel_mult=[1, 2],
+            num_heads=2,
+            num_classes=3,
+            norm_groups=8,
+        ),
+        batch_cpu=4,
+        batch_gpu=4,
+        sample_steps=2,
+        sample_batch_cpu=2,
+        sample_batch_gpu=2,
+    ),
+    # a tiny DiT for tests, beside the tiny UNet
+    "tiny_dit": bench.Preset(
+        name="tiny_dit",
+        image_size=8,
+        kind="dit",
+        versus="tiny",
+        net=bench.net_yaml(
+            "dit_tiny", in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3
+        ),
+        batch_cpu=4,
+        batch_gpu=4,
+        sample_steps=2,
+        sample_batch_cpu=2,
+        sample_batch_gpu=2,
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def tiny_presets(monkeypatch):
+    for name, preset in TINY.items():
+        monkeypatch.setitem(bench.PRESETS, name, preset)
+
 
 def _layers(net: nn.Module) -> Counter:
     return Counter(type(m).__name__ for m in net.modules() if isinstance(m, nn.Conv2d | nn.GroupNorm))

@@ -8,17 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from diffusion_lab.data.captions import (
-    CELEBA_ATTRIBUTES,
-    CELEBA_VOCABULARY,
-    SHAPES_VOCABULARY,
-    Phrase,
-    Vocabulary,
-    compose_caption,
-    label_caption,
-    main,
-    with_article,
-)
+from diffusion_lab.data.celeba import CELEBA_ATTRIBUTES, CELEBA_VOCABULARY
+from diffusion_lab.data.phrases import Phrase, Vocabulary, compose_caption, label_caption, with_article
+from diffusion_lab.data.shapes import SHAPES_VOCABULARY
+from diffusion_lab.write_captions import main
 
 # words that may only appear when the attribute holds (value True) or does not hold (False)
 IMPLIES = {

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion_lab.data.base import CorruptImageError, DataError, DatasetNotFoundError
-from diffusion_lab.data.captions import CELEBA_ATTRIBUTES
-from diffusion_lab.data.celeba import CelebADataModule
+from diffusion_lab.data.celeba import CELEBA_ATTRIBUTES, CelebADataModule
 
 H, W, CROP = 24, 20, 12  # official images are 218 x 178 (H x W), usually cropped to 140
 PARTITION = [0, 1, 2, 0, 0, 2, 1, 0, 0]  # files 000001..000009; 0/1/2 = train/val/test

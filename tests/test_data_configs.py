@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.data.base import ArrayImageDataset, DataError, download_url, seeded_split
+from diffusion_lab.data.base import ArraySource, DataError, ImageDataset, download_url, seeded_split
 from diffusion_lab.data.digits import DigitsDataModule
 from diffusion_lab.data.transforms import ImageTransform, center_crop_array
 
@@ -69,8 +69,10 @@ def test_digits_unchanged_and_captioned():
     d = load_digits()
     j = int(parts[2][0])
     item = dm.test_set[0]
-    ref = ArrayImageDataset(
-        np.round(d.images / 16 * 255).astype(np.uint8)[[j]], d.target[[j]], image_size=16, channels=1
+    ref = ImageDataset(
+        ArraySource(np.round(d.images / 16 * 255).astype(np.uint8)[[j]]),
+        transform=ImageTransform(image_size=16, channels=1),
+        labels=d.target[[j]],
     )
     torch.testing.assert_close(item["image"], ref[0]["image"])
     assert item["label"] == int(d.target[j])

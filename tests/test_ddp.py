@@ -164,7 +164,7 @@ def test_ddp_config_composes(tmp_path):
 def test_multirun_refuses_ddp_processes_that_lightning_would_launch(monkeypatch, launch_env, refused):
     import lightning as L
 
-    from diffusion_lab.train import check_multirun_launch
+    from diffusion_lab.instantiate import check_multirun_launch
 
     for key in list(os.environ):
         if key in _LAUNCH_ENV or key.startswith(("SLURM_", "TORCHELASTIC_")):

@@ -174,7 +174,7 @@ def test_float_noise_levels_classes_null_class_and_masked_context():
 def test_every_net_config_builds_a_denoising_net_and_systems_refuse_others():
     nets = sorted(Path(CONF_DIR, "model", "net").glob("*.yaml"))
     assert {"unet", "unet_small", "unet_fashion", "dit_tiny", "dit_s"} <= {p.stem for p in nets}
-    from diffusion_lab.validation import locate
+    from diffusion_lab.imports import locate
 
     for path in nets:
         cfg = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
@@ -193,7 +193,7 @@ def test_an_experiments_unet_setting_under_a_dit_says_how_to_drop_it():
     DiT is one line that says how to drop it."""
     from omegaconf import OmegaConf
 
-    from diffusion_lab.validation import config_errors
+    from diffusion_lab.config_types import config_errors
 
     def errors(overrides):
         cfg = compose("train", ["experiment=fashion_mnist", *overrides], Path("unused"))
@@ -230,14 +230,14 @@ DIT_TINY = [
 @pytest.mark.parametrize("formulation", ["ddpm", "edm", "flow"])
 def test_dit_trains_and_samples_with_every_formulation(formulation, tmp_path):
     from diffusion_lab.checkpoints import load_system
-    from diffusion_lab.diffusion import get_sampler
+    from diffusion_lab.diffusion import Guidance, get_sampler
     from diffusion_lab.train import train
 
     summary = train(compose("train", [*DIT_TINY, f"formulation={formulation}"], tmp_path / "run"))
     assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 3
     model, config = load_system(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert isinstance(model.net, DiT) and config["model"]["net"]["_target_"] == "diffusion_lab.nets.dit.DiT"
-    x = model.sample(sampler=get_sampler("euler", steps=2), num_samples=2, cond={"class_labels": torch.tensor([0, 9])}, guidance_scale=3.0)  # fmt: skip
+    x = model.sample(sampler=get_sampler("euler", steps=2), num_samples=2, cond={"class_labels": torch.tensor([0, 9])}, guidance=Guidance(scale=3.0))  # fmt: skip
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and x.std() > 0
 
 
@@ -262,8 +262,10 @@ def test_dit_on_latents_with_text(tmp_path):
     model, _ = load_system(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert isinstance(model.net, DiT) and model.net.context_dim == 16 and model.net.in_channels == 4
     assert model.net.blocks[0].cross_attn is not None
-    from diffusion_lab.diffusion import get_sampler
+    from diffusion_lab.diffusion import Guidance, get_sampler
 
     cond = model.condition(prompts=["a red circle", "a large blue square"])
-    images = model.sample(sampler=get_sampler("ddim", steps=2), num_samples=2, cond=cond, guidance_scale=3.0)
+    images = model.sample(
+        sampler=get_sampler("ddim", steps=2), num_samples=2, cond=cond, guidance=Guidance(scale=3.0)
+    )
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

@@ -165,3 +165,31 @@ def test_evaluate_errors_are_clear(checkpoints, tmp_path):
         evaluate(_eval_cfg(_overrides(root, diffusion, classifier, reference_split="test", out=tmp_path)))
     with pytest.raises(ValueError, match="is not a diffusion model"):
         evaluate(_eval_cfg(_overrides(root, classifier, classifier, out=tmp_path)))
+
+
+def test_evaluate_writes_protocol_intervals_and_moves_the_seed_range(checkpoints, tmp_path):
+    """Every row carries its protocol (seed range, class sampling, reference split:size, extractor fingerprints)
+    and a 95% interval per metric; seeds=12-23 draws exactly samples 12..23 of the 0-23 set (EDM's --seeds)."""
+    from diffusion_lab.evaluate import evaluate
+
+    root, diffusion, classifier = checkpoints
+    kw = dict(samplers="[ddim]", steps="[2]", guidance_scales="[1.0]", reference_split="null", bootstrap=20)
+    whole = evaluate(
+        _eval_cfg(_overrides(root, diffusion, classifier, num_samples=24, out=tmp_path / "a", **kw))
+    )
+    part = evaluate(
+        _eval_cfg(_overrides(root, diffusion, classifier, seeds="12-23", out=tmp_path / "b", **kw))
+    )
+    row = part[0]
+    assert row["seeds"] == "12-23" and whole[0]["seeds"] == "0-23" and row["class_sampling"] == "balanced"
+    assert row["reference"].startswith("test:") and "classifier:" in row["extractors"]
+    for col in ("fid_classifier", "fid_random", "kid_classifier", "precision_random", "class_accuracy"):
+        assert row[f"{col}_lo"] <= row[col] <= row[f"{col}_hi"], col
+    a = np.load(next((tmp_path / "a" / "samples").glob("*.npz")))
+    b = np.load(next((tmp_path / "b" / "samples").glob("*seeds-12-23*.npz")))
+    np.testing.assert_array_equal(a["images"][12:], b["images"])
+    np.testing.assert_array_equal(a["labels"][12:], b["labels"])
+    md = (tmp_path / "b" / "metrics.md").read_text()
+    assert f"{row['fid_classifier']:.4g} [" in md and "95% bootstrap interval" in md
+    with pytest.raises(ValueError, match="holds 5 seeds but num_samples=12"):
+        evaluate(_eval_cfg(_overrides(root, diffusion, classifier, seeds="0-4", out=tmp_path / "c", **kw)))

@@ -130,7 +130,7 @@ class _ToyModel(nn.Module):
     def condition(self, *, labels, prompts):
         return {}
 
-    def sample(self, *, sampler, x_T, cond, guidance_scale, generator, progress):
+    def sample(self, *, sampler, x_T, cond, guidance, generator, progress):
         return (torch.tanh(x_T / 2) + 0.3 * randn_like(x_T, generator)).clamp(-1, 1)
 
 

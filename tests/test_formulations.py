@@ -16,9 +16,10 @@ import torch
 from diffusion_lab.diffusion import (
     GRIDS,
     NOISE_LEVELS,
-    PREDICTION_TYPES,
+    OBJECTIVES,
     SAMPLERS,
     Denoiser,
+    Guidance,
     get_loss_weighting,
     get_noise_levels,
     get_objective,
@@ -72,7 +73,7 @@ def draw(sampler, process, objective, n: int, seed: int = 0) -> tuple[torch.Tens
         gaussian_oracle(process, objective),
         x_T,
         process,
-        prediction_type=objective,
+        objective=objective,
         generator=torch.Generator().manual_seed(seed + 1),
     )
     return x_T.double(), out.double()
@@ -118,9 +119,12 @@ MULTISTEP = {"dpmpp_2m", "unipc"}
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde"}
 
 
+ROTATION = ("eps", "v", "x0", "flow", "edm")  # every registered objective (test_every_registry_entry...)
+
+
 def _objective_for(process_key: str, i: int):
     """Rotate the objectives over the cases; eps is undefined where alpha = 0 (zero terminal SNR, flow t = 1)."""
-    name = PREDICTION_TYPES[i % len(PREDICTION_TYPES)]
+    name = ROTATION[i % len(ROTATION)]
     if process_key in ("zero_snr", "flow", "flow_shift3") and name == "eps":
         name = "v"
     return get_objective(name)
@@ -142,7 +146,7 @@ def test_every_sampler_process_and_grid_reproduces_gaussian_data(sampler_name, p
     x_T; stochastic ones (and EDM's churn) give 4000 samples with the data's mean and std."""
     process = PROCESSES[process_key]()
     objective = _objective_for(process_key, ORACLE_CASES.index((sampler_name, process_key, grid)))
-    opts = {} if grid is None else {"spacing": grid} if grid in ("trailing", "linspace") else {"grid": grid}
+    opts = {} if grid is None else {"grid": grid}
     if sampler_name in STOCHASTIC or sampler_name == "edm":
         if sampler_name == "edm":
             opts["s_churn"] = 10.0
@@ -157,14 +161,19 @@ def test_every_sampler_process_and_grid_reproduces_gaussian_data(sampler_name, p
         assert relative_error(out, exact_flow(sampler, process, x_T)) < 0.05
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", list(OBJECTIVES))
 @pytest.mark.parametrize("process_key", ["linear", "edm", "flow"])
 def test_every_objective_samples_gaussian_data_on_every_process(prediction_type, process_key):
     if prediction_type == "eps" and process_key == "flow":
         pytest.skip("eps prediction is undefined at flow's t = 1 (alpha = 0); DiffusionSystem refuses it")
     process = PROCESSES[process_key]()
     sampler = get_sampler("heun", steps=100)
-    x_T, out = draw(sampler, process, get_objective(prediction_type, sigma_data=0.7), n=256)
+    x_T, out = draw(
+        sampler,
+        process,
+        get_objective(prediction_type, **({"sigma_data": 0.7} if prediction_type == "edm" else {})),
+        n=256,
+    )
     assert relative_error(out, exact_flow(sampler, process, x_T)) < 0.05
 
 
@@ -191,7 +200,7 @@ def test_ddim_euler_and_flow_euler_are_one_method_on_every_process():
         net = gaussian_oracle(process, objective, s=0.3)
         x_T = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
         outs = [
-            get_sampler(name, steps=7, grid="karras")(net, x_T, process, prediction_type=objective)
+            get_sampler(name, steps=7, grid="karras")(net, x_T, process, objective=objective)
             for name in ("ddim", "euler", "flow_euler")
         ]
         torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=0)
@@ -218,9 +227,12 @@ def toy_edm_net(x, c_noise):
     return 0.7 * x + 0.1 * c_noise.view(-1, 1, 1, 1) + 0.05 * torch.sin(3 * x)
 
 
-def run_scheduler(scheduler, net, x, steps, **set_kwargs):
+def run_scheduler(scheduler, net, x, steps, *, grid=None, **set_kwargs):
+    """diffusers' loop from x * init_noise_sigma (the flow schedulers: x_T), or with ``grid`` from where our
+    sampler starts on it (x_T * sigma_max on the Karras grid, as EDM; diffusers' EDM schedulers use
+    sqrt(sigma_max^2 + 1))."""
     scheduler.set_timesteps(steps, **set_kwargs) if set_kwargs else scheduler.set_timesteps(steps)
-    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # the flow schedulers start at x_T
+    x = grid.start(x) if grid is not None else x * getattr(scheduler, "init_noise_sigma", 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for t in scheduler.timesteps:
@@ -238,7 +250,7 @@ def test_flow_euler_matches_diffusers_flow_match_euler(steps):
     d = _diffusers()
     expected = run_scheduler(d.FlowMatchEulerDiscreteScheduler(), toy_flow_net, x_T(), steps)
     ours = get_sampler("flow_euler", steps=steps)(
-        toy_flow_net, x_T(), get_process("rectified_flow"), prediction_type="flow"
+        toy_flow_net, x_T(), get_process("rectified_flow"), objective="flow"
     )
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
@@ -252,7 +264,7 @@ def test_flow_shift_matches_diffusers_shifted_sigmas():
         d.FlowMatchEulerDiscreteScheduler(shift=shift), toy_flow_net, x_T(), None, sigmas=sigmas
     )
     process = get_process("rectified_flow", shift=shift)
-    ours = get_sampler("flow_euler", steps=steps)(toy_flow_net, x_T(), process, prediction_type="flow")
+    ours = get_sampler("flow_euler", steps=steps)(toy_flow_net, x_T(), process, objective="flow")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     grid = make_grid(process, steps, "uniform")
     torch.testing.assert_close(
@@ -274,7 +286,7 @@ def test_flow_heun_matches_diffusers_flow_match_heun(steps):
         calls.append(1)
         return toy_flow_net(x, t)
 
-    ours = sampler(counted, x_T(), get_process("rectified_flow"), prediction_type="flow")
+    ours = sampler(counted, x_T(), get_process("rectified_flow"), objective="flow")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     assert len(calls) == sampler.nfe == 2 * steps - 1
 
@@ -282,16 +294,19 @@ def test_flow_heun_matches_diffusers_flow_match_heun(steps):
 @pytest.mark.parametrize("steps", [1, 5, 18])
 def test_euler_on_edm_matches_diffusers_edm_euler(steps):
     d = _diffusers()
-    expected = run_scheduler(d.EDMEulerScheduler(), toy_edm_net, x_T(), steps)
-    ours = get_sampler("euler", steps=steps)(toy_edm_net, x_T(), get_process("ve"), prediction_type="edm")
+    sampler, process = get_sampler("euler", steps=steps), get_process("ve")
+    expected = run_scheduler(d.EDMEulerScheduler(), toy_edm_net, x_T(), steps, grid=sampler.grid(process))
+    ours = sampler(toy_edm_net, x_T(), process, objective="edm")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("steps", [2, 5, 18])
 def test_dpmpp_2m_on_edm_matches_diffusers_edm_dpmsolver(steps):
     d = _diffusers()
-    expected = run_scheduler(d.EDMDPMSolverMultistepScheduler(), toy_edm_net, x_T(), steps)
-    ours = get_sampler("dpmpp_2m", steps=steps)(toy_edm_net, x_T(), get_process("ve"), prediction_type="edm")
+    sampler, process = get_sampler("dpmpp_2m", steps=steps), get_process("ve")
+    scheduler = d.EDMDPMSolverMultistepScheduler()
+    expected = run_scheduler(scheduler, toy_edm_net, x_T(), steps, grid=sampler.grid(process))
+    ours = sampler(toy_edm_net, x_T(), process, objective="edm")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-6)
 
 
@@ -396,7 +411,7 @@ def test_min_snr_weights_mean_the_same_x0_objective_for_flow_and_edm():
         obj = get_objective(name)
         eps_hat = (a * x0 + s * eps - a * x0_hat) / s
         err = (obj.target(x0_hat, eps_hat, a, s) - obj.target(x0, eps, a, s)).pow(2).flatten(1).mean(1)
-        w = get_loss_weighting("min_snr", gamma=5.0)(snr, prediction_type=obj).double()
+        w = get_loss_weighting("min_snr", gamma=5.0)(snr, objective=obj).double()
         expected = snr.double().clamp(max=5.0) * (x0_hat - x0).pow(2).flatten(1).mean(1)
         torch.testing.assert_close(w * err, expected, rtol=1e-5, atol=1e-8)
 
@@ -443,7 +458,8 @@ def test_every_registry_entry_has_its_yaml_and_back():
 
     from omegaconf import OmegaConf
 
-    from diffusion_lab.diffusion import LOSS_WEIGHTINGS, process_names
+    from diffusion_lab.diffusion import LOSS_WEIGHTINGS
+    from diffusion_lab.diffusion import PROCESSES as REGISTERED
 
     conf = Path(__file__).resolve().parents[1] / "diffusion_lab" / "conf"
 
@@ -451,14 +467,14 @@ def test_every_registry_entry_has_its_yaml_and_back():
         files = sorted((conf / folder).glob("*.yaml"))
         return {f.stem for f in files}, {OmegaConf.load(f)[key] for f in files}
 
-    stems, values = names("noise", "name")
-    assert values == set(process_names()) and set(process_names()) <= stems
+    stems, values = names("process", "name")
+    assert values == set(REGISTERED) and set(REGISTERED) <= stems
     stems, values = names("sampler", "name")
     assert stems == values == set(SAMPLERS)
     stems, values = names("sampler/grid", "name")
     assert stems == values == set(GRIDS)
-    stems, values = names("model/objective", "prediction_type")
-    assert stems == values == set(PREDICTION_TYPES)
+    stems, values = names("model/objective", "objective")
+    assert stems == values == set(OBJECTIVES) == set(ROTATION)
     stems, values = names("model/noise_levels", "noise_levels")
     assert stems == values == set(NOISE_LEVELS)
     stems, values = names("model/loss_weighting", "loss_weighting")
@@ -478,9 +494,9 @@ def test_data_sets_text_encoders_and_feature_extractors_have_their_yaml_and_back
 
     import diffusion_lab.data
     from diffusion_lab.data.base import BaseDataModule
+    from diffusion_lab.imports import locate
     from diffusion_lab.metrics.features import FEATURE_EXTRACTORS
     from diffusion_lab.nets.text import TextEncoder
-    from diffusion_lab.validation import locate
 
     from conftest import compose
 
@@ -536,43 +552,43 @@ class TwoHeads:
         return 0.1 * x + self.offset * (class_labels.view(-1, 1, 1, 1).float() + 1)
 
 
-def _denoiser(net, **kw):
+def _denoiser(net, **guidance):
     return Denoiser(
         net,
         process=get_process("linear"),
         cond={"class_labels": torch.tensor([1, 2])},
         uncond={"class_labels": torch.tensor([9, 9])},
-        **kw,
+        guidance=Guidance(**guidance),
     )
 
 
 def test_guidance_rescale_matches_lin_et_al():
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
     a, s = 0.6, 0.8
-    plain = _denoiser(TwoHeads(0.3), guidance_scale=4.0)(x, 500, a, s)[0]
-    cond_only = _denoiser(TwoHeads(0.3), guidance_scale=1.0)(x, 500, a, s)[0]
-    full = _denoiser(TwoHeads(0.3), guidance_scale=4.0, guidance_rescale=1.0)(x, 500, a, s)[0]
+    plain = _denoiser(TwoHeads(0.3), scale=4.0)(x, 500, a, s)[0]
+    cond_only = _denoiser(TwoHeads(0.3), scale=1.0)(x, 500, a, s)[0]
+    full = _denoiser(TwoHeads(0.3), scale=4.0, rescale=1.0)(x, 500, a, s)[0]
     dims = (1, 2, 3)
     torch.testing.assert_close(full.std(dims), cond_only.std(dims))  # phi = 1: the conditional std
     torch.testing.assert_close(
         full, plain * cond_only.std(dims, keepdim=True) / plain.std(dims, keepdim=True)
     )
-    half = _denoiser(TwoHeads(0.3), guidance_scale=4.0, guidance_rescale=0.7)(x, 500, a, s)[0]
+    half = _denoiser(TwoHeads(0.3), scale=4.0, rescale=0.7)(x, 500, a, s)[0]
     torch.testing.assert_close(half, 0.7 * full + 0.3 * plain)
 
 
 def test_guidance_interval_guides_only_inside():
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
     net = TwoHeads(0.3)
-    d = _denoiser(net, guidance_scale=3.0, guidance_interval=[0.5, 2.0])
+    d = _denoiser(net, scale=3.0, interval=[0.5, 2.0])
     inside = d(x, 400, 0.6, 0.8)[0]  # ksigma 1.33
     assert net.calls[-1].tolist() == [9, 9, 1, 2]  # one batched call
     outside = d(x, 999, 0.1, 0.995)[0]  # ksigma 9.95
     assert net.calls[-1].tolist() == [1, 2]  # conditional only
     torch.testing.assert_close(outside, _denoiser(TwoHeads(0.3))(x, 999, 0.1, 0.995)[0])
-    torch.testing.assert_close(inside, _denoiser(TwoHeads(0.3), guidance_scale=3.0)(x, 400, 0.6, 0.8)[0])
+    torch.testing.assert_close(inside, _denoiser(TwoHeads(0.3), scale=3.0)(x, 400, 0.6, 0.8)[0])
     with pytest.raises(ValueError, match="guidance_interval"):
-        _denoiser(net, guidance_interval=[2.0, 1.0])
+        _denoiser(net, interval=[2.0, 1.0])
 
 
 def test_autoguidance_is_guide_plus_scaled_difference():
@@ -583,8 +599,7 @@ def test_autoguidance_is_guide_plus_scaled_difference():
         main,
         process=get_process("linear"),
         cond={"class_labels": torch.tensor([1, 2])},
-        guide=guide,
-        guidance_scale=2.5,
+        guidance=Guidance(scale=2.5, guide=guide),
     )
     out = d(x, 300, 0.6, 0.8)[0]
     assert main.calls[-1].tolist() == guide.calls[-1].tolist() == [1, 2]
@@ -612,16 +627,14 @@ def test_formulation_trains_and_samples_end_to_end(formulation, tmp_path, tiny_o
     summary = train(cfg)
     assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 4
     model, config = load_system(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert config["model"]["prediction_type"] == formulation
+    assert config["model"]["objective"] == formulation
     assert model.process.name == {"edm": "ve", "flow": "rectified_flow"}[formulation]
     assert config["sampler"]["name"] == {"edm": "edm", "flow": "flow_euler"}[formulation]
     x = model.sample(
         sampler=get_sampler("dpmpp_2m", steps=3),
         num_samples=2,
         cond={"class_labels": torch.tensor([0, 1])},
-        guidance_scale=2.0,
-        guidance_rescale=0.7,
-        guidance_interval=[0.1, 10.0],
+        guidance=Guidance(scale=2.0, rescale=0.7, interval=(0.1, 10.0)),
     )
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
 
@@ -670,7 +683,7 @@ def test_eps_is_refused_where_alpha_vanishes():
         DiffusionSystem(
             net=torch.nn.Identity(),
             process=get_process("rectified_flow"),
-            prediction_type="eps",
+            objective="eps",
             image_size=8,
             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         )

@@ -15,8 +15,7 @@ from diffusion_lab.data.captions import caption_words
 from diffusion_lab.data.latents import CachedLatentDataset, cache_file, encode_dataset, load_or_build_cache
 from diffusion_lab.data.shapes import ShapesDataModule
 from diffusion_lab.data.transforms import to_tensor
-from diffusion_lab.diffusion import classifier_free_guidance, get_sampler, get_schedule
-from diffusion_lab.diffusion.parameterization import to_x0_eps
+from diffusion_lab.diffusion import Denoiser, Guidance, get_objective, get_process, get_sampler
 from diffusion_lab.nets.text import TransformerTextEncoder, WordTokenizer
 from diffusion_lab.nets.unet import UNet
 from diffusion_lab.systems.latent import LatentDiffusionSystem
@@ -41,7 +40,7 @@ def _system(
     )  # fmt: skip
     return LatentDiffusionSystem(
         net=net,
-        schedule=get_schedule("linear", num_timesteps=100),
+        process=get_process("linear", num_timesteps=100),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         image_size=32,
         autoencoder_ckpt=str(ae_ckpt),
@@ -148,7 +147,7 @@ def test_caption_dropout_rate_is_the_configured_one(tmp_path):
 def test_guidance_scale_one_is_the_conditional_prediction_and_cfg_is_batched_right(tmp_path):
     system = _system(tiny_autoencoder_ckpt(tmp_path / "ae.ckpt")).eval()
     _perturb(system.net)
-    x, t = torch.randn(3, 4, 8, 8), torch.tensor([5, 50, 90])
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([50, 50, 50])
     with torch.no_grad():
         cond = system.condition(
             prompts=["a red circle", "a large blue square in the middle", "a tiny cyan triangle"]
@@ -156,12 +155,16 @@ def test_guidance_scale_one_is_the_conditional_prediction_and_cfg_is_batched_rig
         uncond = system.null_condition(3)
         c, u = system.net(x, t, **cond), system.net(x, t, **uncond)
         assert not torch.allclose(c, u)
-        one = classifier_free_guidance(system.net, x, t, cond=cond, uncond=uncond, guidance_scale=1.0)
-        torch.testing.assert_close(one, c)
+
+        def guided(s: float) -> torch.Tensor:  # x0 objective: x0_hat is the raw output
+            denoise = Denoiser(system.net, process=system.process, objective="x0", cond=cond, uncond=uncond,
+                               guidance=Guidance(scale=s))  # fmt: skip
+            return denoise(x, 50, 0.6, 0.8)[0]
+
+        torch.testing.assert_close(guided(1.0), c)
         # scale s: ONE batched call on [uncond; cond] (contexts and masks concatenated) = u + s (c - u)
         for s in (0.0, 3.0):
-            guided = classifier_free_guidance(system.net, x, t, cond=cond, uncond=uncond, guidance_scale=s)
-            torch.testing.assert_close(guided, u + s * (c - u), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(guided(s), u + s * (c - u), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("experiment", ["shapes_ldm_text", "celeba_ldm_text"])
@@ -176,15 +179,16 @@ def test_latent_experiments_keep_low_snr_net_errors_out_of_x0(experiment, tmp_pa
     from hydra.utils import instantiate
 
     cfg = compose("train", [f"experiment={experiment}", "autoencoder_ckpt=unused"], tmp_path)
-    schedule = instantiate(cfg.noise)
+    schedule = instantiate(cfg.process)
     T = schedule.num_timesteps
     ab = float(schedule.alphas_cumprod[T - 1])
     alpha, sigma = ab**0.5, (1 - ab) ** 0.5
     g = torch.Generator().manual_seed(0)
     x_t, out = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
     error = 0.1 * torch.randn(4096, generator=g)  # the shapes LDM's eps RMSE near t = T after 500 steps
-    x0, _ = to_x0_eps(cfg.model.prediction_type, out, x_t, alpha, sigma)
-    x0_err, _ = to_x0_eps(cfg.model.prediction_type, out + error, x_t, alpha, sigma)
+    objective = get_objective(cfg.model.objective)
+    x0, _ = objective.denoised(out, x_t, alpha, sigma)
+    x0_err, _ = objective.denoised(out + error, x_t, alpha, sigma)
     assert (x0_err - x0).std() < 0.5, (
         "scaled latents have std 1: x0_hat at t = T must not be dominated by net error"
     )
@@ -271,7 +275,7 @@ def test_text_to_image_run_samples_from_its_checkpoint_alone(tmp_path):
     # unconditional sampling of a text model = the empty caption (same as guidance at scale 1 of "")
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(2, *model.sample_shape, generator=g)
-    a = model.sample(sampler=get_sampler("ddim", steps=2, clip_x0=True), x_T=x_T)  # no clipping of latents
+    a = model.sample(sampler=get_sampler("ddim", steps=2), x_T=x_T)
     b = model.sample(sampler=get_sampler("ddim", steps=2), x_T=x_T, cond=model.condition(prompts=["", ""]))
     torch.testing.assert_close(a, b)
 

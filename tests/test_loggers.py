@@ -11,23 +11,27 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from run_if import RunIf, installed
 
 import diffusion_lab.train as train_module
 from diffusion_lab.train import train
 
 from conftest import CONF_DIR, TINY
 
-pytest.importorskip("tensorboard", reason="pip install 'diffusion_lab[tensorboard]'")
-pytest.importorskip("mlflow", reason="pip install 'diffusion_lab[mlflow]'")
+TENSORBOARD = RunIf("tensorboard", reason="pip install 'diffusion_lab[tensorboard]'")
+MLFLOW = RunIf("mlflow", reason="pip install 'diffusion_lab[mlflow]'")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    """One tiny run with CSV, TensorBoard, wandb (offline) and MLflow (file store); wandb's run config and
-    summary are read just before the run is finished (offline runs keep them only in a binary log)."""
+    """One tiny run with CSV, TensorBoard, wandb (offline) and MLflow (file store), less those not installed;
+    wandb's run config and summary are read just before the run is finished (offline runs keep them only in a
+    binary log)."""
     out = tmp_path_factory.mktemp("many")
+    absent = [f"~logger.{name}" for name in ("tensorboard", "mlflow") if not installed(name)]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", [*TINY, "logger=many", f"paths.output_dir={out}"], return_hydra_config=True)
+        overrides = [*TINY, "logger=many", *absent, f"paths.output_dir={out}"]
+        cfg = compose("train", overrides, return_hydra_config=True)
     wandb_seen: dict = {}
     finish = train_module.finish_wandb
 
@@ -65,14 +69,15 @@ def test_csv_log_stays_beside_the_other_loggers(run):
 
 def test_wandb_gets_the_config_once_and_the_summary(run):
     config, summary = run["wandb"]["config"], run["wandb"]["summary"]
-    assert config["model"]["prediction_type"] == "flow" and config["tags"] == ["dev"]
-    assert "prediction_type" not in config and "cond_drop_prob" not in config  # no flat system hparams
+    assert config["model"]["objective"] == "flow" and config["tags"] == ["dev"]
+    assert "objective" not in config and "cond_drop_prob" not in config  # no flat system hparams
     for key in ("final_train_loss", "class_accuracy", "steps"):
         assert summary[key] == pytest.approx(run["summary"][key]), key
     media = list((run["out"] / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))
     assert len(media) == 2  # the grids of steps 2 and 4
 
 
+@TENSORBOARD
 def test_tensorboard_has_scalars_grids_and_hparams_with_the_final_figures(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -96,16 +101,17 @@ def test_tensorboard_has_scalars_grids_and_hparams_with_the_final_figures(run):
     start = plugin_data_pb2.HParamsPluginData.FromString(
         plugin["_hparams_/session_start_info"]
     ).session_start_info
-    assert start.hparams["model/prediction_type"].string_value == "flow"
+    assert start.hparams["model/objective"].string_value == "flow"
 
 
+@MLFLOW
 def test_mlflow_file_store_holds_params_metrics_grids_and_summary(run):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"file:{run['out'] / 'mlruns'}")
     [experiment] = [e for e in client.search_experiments() if e.name == "diffusion_lab"]
     [mlrun] = client.search_runs([experiment.experiment_id])
-    assert mlrun.data.params["model/prediction_type"] == "flow"
+    assert mlrun.data.params["model/objective"] == "flow"
     assert mlrun.data.tags["tags"] == "['dev']"
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "train/loss")] == [0, 1, 2, 3]
     assert mlrun.data.metrics["summary/class_accuracy"] == pytest.approx(run["summary"]["class_accuracy"])

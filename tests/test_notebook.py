@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_if import RunIf
 
-nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
+DEV = "pip install -e '.[dev]'"
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "01_walkthrough.ipynb"
@@ -34,7 +35,10 @@ print({RESULTS_TAG!r} + json.dumps({{
 """
 
 
+@RunIf("nbformat", reason=DEV)
 def test_committed_notebook_has_no_outputs():
+    import nbformat
+
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -66,9 +70,10 @@ def _linear_alpha_bar() -> np.ndarray:
 
 
 @pytest.mark.slow
+@RunIf("nbformat", "ipykernel", "nbclient", reason=DEV)
 def test_walkthrough_notebook_runs(tmp_path, monkeypatch):
-    pytest.importorskip("ipykernel", reason="pip install -e '.[dev]'")
-    NotebookClient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'").NotebookClient
+    import nbformat
+    from nbclient import NotebookClient
 
     work = tmp_path / "work"
     work.mkdir()

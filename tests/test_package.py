@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -29,6 +30,24 @@ def _run(cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeou
         f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
     return proc.stdout + proc.stderr
+
+
+def base_python() -> str:
+    """The interpreter this one's venv (if any) was made from: `--system-site-packages` of a venv made from it
+    sees the system's packages, whereas a venv made from inside a venv would see the bare system Python's."""
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
+def see_running_packages(venv: Path) -> None:
+    """Make this interpreter's own site-packages (a virtualenv's: where `make setup` put torch, hydra, ...)
+    visible in `venv`, after its own, through a `.pth` file; nothing to do for a system-wide install. Plain path
+    lines: `.pth` files there (the editable install of the checkout) are not run, so the wheel's package wins."""
+    if sys.prefix == sys.base_prefix:
+        return
+    ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    probe = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site_dir = _run([str(venv / "bin" / "python"), "-c", probe], cwd=venv).strip().splitlines()[-1]
+    Path(site_dir, "running_interpreter.pth").write_text("".join(f"{p}\n" for p in ours))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +97,8 @@ def test_fresh_venv_trains_from_outside_the_source_tree(wheel, tmp_path):
     # a fresh venv that reuses this interpreter's packages for torch & co. (no download); the package itself
     # comes only from the wheel, not from the (editable) install of the checkout
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
+    _run([base_python(), "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
+    see_running_packages(venv)
     bin_dir = venv / "bin"
     _run(
         [

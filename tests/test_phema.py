@@ -13,19 +13,23 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from diffusion_lab.callbacks.phema import PostHocEMA
-from diffusion_lab.phema import (
+from diffusion_lab.callbacks.phema import PostHocEMA, list_snapshots
+from diffusion_lab.phema import reconstruct
+from diffusion_lab.power_ema import (
     SIGMA_REL_MAX,
-    gamma_to_sigma_rel,
-    list_snapshots,
     posthoc_coefficients,
     power_ema_beta,
     profile_inner_products,
-    reconstruct,
     sigma_rel_to_gamma,
 )
 
 from conftest import CONF_DIR, TINY, compose
+
+
+def gamma_to_sigma_rel(gamma: float | np.ndarray) -> np.ndarray:
+    """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) of the profile with exponent gamma (Eq. 123)."""
+    g = np.asarray(gamma, dtype=np.float64)
+    return np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
 
 
 def closed_form_ema(theta: np.ndarray, gamma: float, t: int) -> np.ndarray:
@@ -129,14 +133,14 @@ class RecordRaw(Callback):
 
 def test_callback_tracks_the_power_ema_of_the_raw_weights(tmp_path):
     from diffusion_lab.data.digits import DigitsDataModule
-    from diffusion_lab.diffusion import get_schedule
+    from diffusion_lab.diffusion import get_process
     from diffusion_lab.nets.dit import DiT
     from diffusion_lab.systems.diffusion import DiffusionSystem
 
     torch.manual_seed(0)
     system = DiffusionSystem(
         net=DiT(in_channels=1, patch_size=2, hidden_size=16, depth=1, num_heads=2, num_classes=10),
-        process=get_schedule("linear"),
+        process=get_process("linear"),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         image_size=8,
     )

@@ -18,15 +18,15 @@ from diffusion_lab.report import ReportError, Run, main, name_runs, read_curves,
 from conftest import CONF_DIR, TINY
 
 ROOT = Path(CONF_DIR).parent
-# noise x loss weighting from ablation_objective's grid; prediction_type pinned on the command line
+# process x loss weighting from ablation_objective's grid; objective pinned on the command line
 EXPECTED_LABELS = {
-    f"noise={n}, model.loss_weighting={w}" for n in ("linear", "cosine") for w in ("uniform", "min_snr")
+    f"process={n}, model.loss_weighting={w}" for n in ("linear", "cosine") for w in ("uniform", "min_snr")
 }
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """`python -m diffusion_lab.train -m experiment=ablation_objective model.prediction_type=eps` (tiny): 4 runs."""
+    """`python -m diffusion_lab.train -m experiment=ablation_objective model.objective=eps` (tiny): 4 runs."""
     out = tmp_path_factory.mktemp("sweep") / "multirun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [
@@ -35,7 +35,7 @@ def sweep(tmp_path_factory) -> Path:
         "diffusion_lab.train",
         "-m",
         "experiment=ablation_objective",
-        "model.prediction_type=eps",
+        "model.objective=eps",
         *TINY,
         f"hydra.sweep.dir={out}",
         "hydra.sweep.subdir=${hydra.job.num}",  # the tiny overrides make a folder name over 255 characters
@@ -94,13 +94,13 @@ def test_report_of_a_four_run_sweep(sweep, tmp_path, caplog):
     with open(sweep / "report.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4
-    # runs are named by what differs between them: not the experiment, the tiny sizes or prediction_type
+    # runs are named by what differs between them: not the experiment, the tiny sizes or objective
     assert {r["run"] for r in rows} == EXPECTED_LABELS
     for row in rows:
         summary = json.loads((sweep / row["folder"] / "summary.json").read_text())
         overrides = (sweep / row["folder"] / ".hydra" / "overrides.yaml").read_text()
         assert (
-            f"noise={row['noise']}" in overrides
+            f"process={row['process']}" in overrides
             and f"model.loss_weighting={row['model.loss_weighting']}" in overrides
         )
         for key in (
@@ -121,7 +121,7 @@ def test_report_of_a_four_run_sweep(sweep, tmp_path, caplog):
         )
 
     md = (sweep / "report.md").read_text()
-    table_rows = [line for line in md.splitlines() if line.startswith("| noise=")]
+    table_rows = [line for line in md.splitlines() if line.startswith("| process=")]
     assert len(table_rows) == 4 + len(erows)  # the runs table, then the evaluation rows of run 0
     assert {line.split(" | ")[0].lstrip("| ") for line in table_rows[:4]} == EXPECTED_LABELS
     assert "`experiment=ablation_objective`" in md  # listed once, as shared by every run

@@ -208,7 +208,7 @@ class _FullDisk:
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    import diffusion_lab.callbacks.checkpoint as checkpoint_module
+    import diffusion_lab.files as checkpoint_module  # where atomic_save lives
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

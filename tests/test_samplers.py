@@ -7,13 +7,7 @@ import warnings
 import pytest
 import torch
 
-from diffusion_lab.diffusion import (
-    SAMPLERS,
-    classifier_free_guidance,
-    from_x0_eps,
-    get_sampler,
-    get_schedule,
-)
+from diffusion_lab.diffusion import SAMPLERS, Denoiser, Guidance, get_objective, get_process, get_sampler
 
 
 def _diffusers():
@@ -48,7 +42,7 @@ def gaussian_toy(schedule, prediction_type: str):
     def model(x, t):
         alpha, sigma = vp_coefficients(schedule, t)
         x0 = (alpha * 0.25 * x + sigma**2 * MU) / (alpha**2 * 0.25 + sigma**2) + 0.05 * torch.sin(3 * x)
-        return from_x0_eps(prediction_type, x0, (x - alpha * x0) / sigma, alpha, sigma)
+        return get_objective(prediction_type).target(x0, (x - alpha * x0) / sigma, alpha, sigma)
 
     return model
 
@@ -58,15 +52,23 @@ def point_mass(schedule, prediction_type: str, c: torch.Tensor):
 
     def model(x, t, **cond):
         alpha, sigma = vp_coefficients(schedule, t)
-        return from_x0_eps(prediction_type, c.expand_as(x), (x - alpha * c) / sigma, alpha, sigma)
+        return get_objective(prediction_type).target(c.expand_as(x), (x - alpha * c) / sigma, alpha, sigma)
 
     return model
 
 
-def run_diffusers(scheduler, model, x, steps: int, **step_kwargs) -> torch.Tensor:
-    """The standard diffusers pipeline loop (scale input, call net, step), noise from step(generator=...)."""
+def run_diffusers(scheduler, model, x, steps: int, *, grid=None, **step_kwargs) -> torch.Tensor:
+    """The standard diffusers pipeline loop (scale input, call net, step), noise from step(generator=...).
+
+    It starts from x * init_noise_sigma, or with ``grid`` where our sampler starts on it (the grid's one
+    convention; diffusers' Euler schedulers use another on linspace / trailing), in the scheduler's coordinates:
+    x / alpha for the sigma-space ones (Euler, Heun), x_t for the others."""
     scheduler.set_timesteps(steps)
-    x = x * scheduler.init_noise_sigma
+    if grid is None:
+        x = x * scheduler.init_noise_sigma
+    else:
+        sigma_space = any(k in type(scheduler).__name__ for k in ("Euler", "Heun"))
+        x = grid.start(x, "k" if sigma_space else "process")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for t in scheduler.timesteps:
@@ -96,17 +98,17 @@ def check_parity(case, schedule_name, prediction_type, steps, *, spacing=None, r
     config = dict(config, **DIFFUSERS_BETAS[schedule_name], prediction_type=DIFFUSERS_PRED[prediction_type])
     if spacing is not None:
         config["timestep_spacing"] = spacing
-        opts = dict(opts, spacing=spacing)
+        opts = dict(opts, grid=spacing)
     if rescale:
         config["rescale_betas_zero_snr"] = True
-    schedule = get_schedule(schedule_name, rescale_zero_terminal_snr=rescale)
+    schedule = get_process(schedule_name, rescale_zero_terminal_snr=rescale)
     model = gaussian_toy(schedule, prediction_type)
     if stochastic:  # both draw their noise from identically seeded generators, in the same order
         step_kwargs = dict(step_kwargs, generator=torch.Generator().manual_seed(0))
-    expected = run_diffusers(cls(**config), model, x_T(), steps, **step_kwargs)
     sampler = get_sampler(name, steps=steps, **opts)
+    expected = run_diffusers(cls(**config), model, x_T(), steps, grid=sampler.grid(schedule), **step_kwargs)
     ours = sampler(
-        model, x_T(), schedule, prediction_type=prediction_type, generator=torch.Generator().manual_seed(0)
+        model, x_T(), schedule, objective=prediction_type, generator=torch.Generator().manual_seed(0)
     )
     assert ours.dtype == torch.float32
     assert torch.isfinite(expected).all() and expected.abs().max() > 1e-2  # a real sample
@@ -158,7 +160,7 @@ def test_parity_few_steps(case, steps):
 
 @pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler")])
 def test_clip_x0_matches_diffusers_clip_sample(name, cls):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     model = gaussian_toy(schedule, "eps")
     g = torch.Generator().manual_seed(0)
     # with clipping, eps_hat follows the clipped x0_hat (DDIM: diffusers' use_clipped_model_output=True;
@@ -167,8 +169,8 @@ def test_clip_x0_matches_diffusers_clip_sample(name, cls):
     expected = run_diffusers(
         getattr(_diffusers(), cls)(clip_sample=True), model, 3 * x_T(), 10, generator=g, **extra
     )
-    ours = get_sampler(name, steps=10, clip_x0=True)(
-        model, 3 * x_T(), schedule, generator=torch.Generator().manual_seed(0)
+    ours = get_sampler(name, steps=10)(
+        model, 3 * x_T(), schedule, clip_x0=True, generator=torch.Generator().manual_seed(0)
     )
     unclipped = get_sampler(name, steps=10)(
         model, 3 * x_T(), schedule, generator=torch.Generator().manual_seed(0)
@@ -181,11 +183,11 @@ def test_ddim_skips_to_the_next_listed_timestep():
     """Documented deviation: diffusers' DDIM steps to t - T // steps even when the spacing lists another
     timestep (trailing / linspace with steps not dividing T); ours steps to the next listed timestep, so
     the last step lands on x0_hat exactly (checked by the point-mass test) and the two differ here."""
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     model = gaussian_toy(schedule, "eps")
     scheduler = _diffusers().DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
     expected = run_diffusers(scheduler, model, x_T(), 7)
-    ours = get_sampler("ddim", steps=7, spacing="trailing")(model, x_T(), schedule)
+    ours = get_sampler("ddim", steps=7, grid="trailing")(model, x_T(), schedule)
     assert (ours - expected).abs().max() > 1e-3
 
 
@@ -197,7 +199,7 @@ ALL = list(SAMPLERS)
 
 @pytest.mark.parametrize("name", ALL)
 def test_seeded_generator_is_deterministic(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     sampler = get_sampler(name, steps=6)
     model = gaussian_toy(schedule, "eps")
     runs = [sampler(model, x_T(), schedule, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
@@ -222,13 +224,13 @@ POINT_MASS_CASES = [
 @pytest.mark.parametrize("schedule_name,rescale,prediction_type", POINT_MASS_CASES)
 @pytest.mark.parametrize("name", ALL)
 def test_perfect_denoiser_of_a_point_mass_returns_it(name, schedule_name, rescale, prediction_type):
-    schedule = get_schedule(schedule_name, rescale_zero_terminal_snr=rescale)
+    schedule = get_process(schedule_name, rescale_zero_terminal_snr=rescale)
     c = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5))
     x0 = get_sampler(name, steps=8)(
         point_mass(schedule, prediction_type, c),
         x_T(),
         schedule,
-        prediction_type=prediction_type,
+        objective=prediction_type,
         generator=torch.Generator().manual_seed(0),
     )
     torch.testing.assert_close(x0, c.expand_as(x0), atol=1e-4, rtol=0)
@@ -248,7 +250,7 @@ class CountingNet:
 
 @pytest.mark.parametrize("name", ALL)
 def test_guidance_is_one_batched_call_per_evaluation(name):
-    schedule = get_schedule("cosine")
+    schedule = get_process("cosine")
     sampler = get_sampler(name, steps=5)
     cond, uncond = {"class_labels": torch.tensor([1, 2])}, {"class_labels": torch.tensor([10, 10])}
     net = CountingNet(schedule)
@@ -258,7 +260,7 @@ def test_guidance_is_one_batched_call_per_evaluation(name):
         schedule,
         cond=cond,
         uncond=uncond,
-        guidance_scale=3.0,
+        guidance=Guidance(scale=3.0),
         generator=torch.Generator().manual_seed(0),
     )
     assert len(net.calls) == sampler.nfe  # NFE does not double under CFG
@@ -276,7 +278,7 @@ def test_guidance_is_one_batched_call_per_evaluation(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_guidance_scale_one_equals_no_guidance(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     sampler = get_sampler(name, steps=5)
     cond, uncond = {"class_labels": torch.tensor([1, 2])}, {"class_labels": torch.tensor([10, 10])}
     net_a, net_b = CountingNet(schedule), CountingNet(schedule)
@@ -286,7 +288,7 @@ def test_guidance_scale_one_equals_no_guidance(name):
         schedule,
         cond=cond,
         uncond=uncond,
-        guidance_scale=1.0,
+        guidance=Guidance(scale=1.0),
         generator=torch.Generator().manual_seed(0),
     )
     b = sampler(net_b, x_T(), schedule, cond=cond, generator=torch.Generator().manual_seed(0))
@@ -297,14 +299,14 @@ def test_guidance_scale_one_equals_no_guidance(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_callback_runs_every_step_and_sees_the_result(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     sampler = get_sampler(name, steps=4)
     seen = []
     out = sampler(
         gaussian_toy(schedule, "v"),
         x_T(),
         schedule,
-        prediction_type="v",
+        objective="v",
         callback=lambda i, x, x0: seen.append((i, x.clone(), x0.clone())),
         generator=torch.Generator().manual_seed(0),
     )
@@ -315,14 +317,14 @@ def test_callback_runs_every_step_and_sees_the_result(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_low_precision_net_output_gives_float32(name):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     base = gaussian_toy(schedule, "eps")
     out = get_sampler(name, steps=3)(lambda x, t: base(x, t).bfloat16(), x_T().bfloat16(), schedule)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
 def test_stochastic_samplers_follow_the_generator():
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     model = gaussian_toy(schedule, "eps")
     for name, opts in [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_ancestral", {}), ("dpmpp_2m_sde", {})]:
         sampler = get_sampler(name, steps=5, **opts)
@@ -331,7 +333,7 @@ def test_stochastic_samplers_follow_the_generator():
 
 
 def test_ddim_eta_zero_ignores_the_generator():
-    schedule = get_schedule("cosine")
+    schedule = get_process("cosine")
     model = gaussian_toy(schedule, "eps")
     sampler = get_sampler("ddim", steps=10, eta=0.0)
     a = sampler(model, x_T(), schedule, generator=torch.Generator().manual_seed(0))
@@ -360,7 +362,7 @@ def test_nfe_formulas():
 def test_sampler_object_and_progress_bar(capsys):
     sampler = get_sampler("ddim", steps=3, eta=0.5)
     assert (sampler.name, sampler.steps, sampler.opts, sampler.nfe) == ("ddim", 3, {"eta": 0.5}, 3)
-    schedule = get_schedule("linear", num_timesteps=20)
+    schedule = get_process("linear", num_timesteps=20)
     sampler(gaussian_toy(schedule, "eps"), x_T(), schedule, progress=True)
     assert "ddim" in capsys.readouterr().err
 
@@ -375,9 +377,7 @@ def test_unknown_sampler_lists_the_choices():
 
 
 def test_unknown_option_names_the_valid_ones():
-    with pytest.raises(
-        TypeError, match="unknown option.*etaa.*valid options: eta, spacing, set_alpha_to_one, clip_x0"
-    ):
+    with pytest.raises(TypeError, match="unknown option.*etaa.*valid options: eta, set_alpha_to_one, grid"):
         get_sampler("ddim", steps=10, etaa=0.5)
 
 
@@ -389,33 +389,35 @@ def test_bad_step_counts_fail_with_one_line(steps):
 
 
 def test_more_steps_than_timesteps_fails():
-    schedule = get_schedule("linear", num_timesteps=10)
+    schedule = get_process("linear", num_timesteps=10)
     with pytest.raises(ValueError, match="steps=11 exceeds the schedule's num_timesteps=10"):
         get_sampler("ddpm", steps=11)(gaussian_toy(schedule, "eps"), x_T(), schedule)
 
 
 def test_negative_guidance_fails():
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
-        get_sampler("euler", steps=3)(gaussian_toy(schedule, "eps"), x_T(), schedule, guidance_scale=-1.0)
+        get_sampler("euler", steps=3)(
+            gaussian_toy(schedule, "eps"), x_T(), schedule, guidance=Guidance(scale=-1.0)
+        )
 
 
 def test_bad_options_and_prediction_type_fail():
-    with pytest.raises(ValueError, match="valid choices: leading, trailing, linspace"):
-        get_sampler("ddim", steps=5, spacing="uniform")
+    with pytest.raises(TypeError, match="spacing is no longer a sampler option: it is the grid option"):
+        get_sampler("ddim", steps=5, spacing="trailing")
+    with pytest.raises(TypeError, match=r"clip_x0 is no longer a sampler option: it is a call argument"):
+        get_sampler("ddim", steps=5, clip_x0=True)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         get_sampler("ddim", steps=5, eta=-0.1)
-    schedule = get_schedule("linear")
-    with pytest.raises(ValueError, match="valid choices: eps, v, x0"):
-        get_sampler("ddim", steps=5)(
-            gaussian_toy(schedule, "eps"), x_T(), schedule, prediction_type="epsilon"
-        )
+    schedule = get_process("linear")
+    with pytest.raises(ValueError, match="unknown objective 'epsilon'; valid choices: edm, eps, flow, v, x0"):
+        get_sampler("ddim", steps=5)(gaussian_toy(schedule, "eps"), x_T(), schedule, objective="epsilon")
     with pytest.raises(ValueError, match="repeats timesteps"):  # diffusers would divide by zero here
-        get_sampler("dpmpp_2m", steps=1000, spacing="leading")(gaussian_toy(schedule, "eps"), x_T(), schedule)
+        get_sampler("dpmpp_2m", steps=1000, grid="leading")(gaussian_toy(schedule, "eps"), x_T(), schedule)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# classifier_free_guidance on its own
+# CFG in the one denoiser wrapper
 
 
 def test_cfg_batches_every_condition_tensor():
@@ -425,19 +427,24 @@ def test_cfg_batches_every_condition_tensor():
         seen.update(x=x, t=t, context=context, mask=context_mask, labels=class_labels)
         return x * context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
-    x, t = torch.ones(2, 1, 2, 2), torch.tensor([5, 5])
+    x = torch.ones(2, 1, 2, 2)
     ctx, null_ctx = torch.full((2, 3, 4), 2.0), torch.zeros(2, 3, 4)
     mask = torch.ones(2, 3, dtype=torch.bool)
     cond = {"context": ctx, "context_mask": mask, "class_labels": torch.tensor([0, 1])}
     uncond = {"context": null_ctx, "context_mask": mask, "class_labels": torch.tensor([9, 9])}
-    out = classifier_free_guidance(net, x, t, cond=cond, uncond=uncond, guidance_scale=4.0)
+
+    def guided(scale: float, uncond=uncond) -> torch.Tensor:  # x0 objective: x0_hat is the raw output
+        denoise = Denoiser(net, process=get_process("linear"), objective="x0", cond=cond, uncond=uncond,
+                           guidance=Guidance(scale=scale))  # fmt: skip
+        return denoise(x, 5, 0.6, 0.8)[0]
+
+    out = guided(4.0)
     assert seen["x"].shape == (4, 1, 2, 2) and seen["t"].tolist() == [5, 5, 5, 5]
     assert seen["labels"].tolist() == [9, 9, 0, 1] and seen["context"].shape == (4, 3, 4)
     assert seen["mask"].shape == (4, 3)
     torch.testing.assert_close(out, torch.full_like(x, 0.0 + 4.0 * (2.0 - 0.0)))
-    zero = classifier_free_guidance(net, x, t, cond=cond, uncond=uncond, guidance_scale=0.0)
-    torch.testing.assert_close(zero, torch.zeros_like(x))  # scale 0 = the unconditional output
+    torch.testing.assert_close(guided(0.0), torch.zeros_like(x))  # scale 0 = the unconditional output
     with pytest.raises(ValueError, match="same keys"):
-        classifier_free_guidance(net, x, t, cond=cond, uncond={"context": null_ctx}, guidance_scale=2.0)
+        guided(2.0, uncond={"context": null_ctx})
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
-        classifier_free_guidance(net, x, t, cond=cond, uncond=uncond, guidance_scale=-0.5)
+        guided(-0.5)

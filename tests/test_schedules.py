@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.diffusion import SCHEDULES, SPACINGS, NoiseSchedule, get_schedule
+from diffusion_lab.diffusion import BETA_SCHEDULES, DiscreteProcess, get_process
+from diffusion_lab.diffusion.grids import SPACINGS
 
 
 def _diffusers():
@@ -35,13 +36,13 @@ def diffusers_ddpm(name: str, num_timesteps: int = 1000, **kwargs):
 
 
 def test_registry_lists_the_schedules():
-    assert set(SCHEDULES) >= {"linear", "scaled_linear", "cosine", "sigmoid"}
+    assert set(BETA_SCHEDULES) >= {"linear", "scaled_linear", "cosine", "sigmoid"}
 
 
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("name", sorted(DIFFUSERS_NAME))
 def test_alphas_cumprod_match_diffusers(name, rescale):
-    ours = get_schedule(name, rescale_zero_terminal_snr=rescale)
+    ours = get_process(name, rescale_zero_terminal_snr=rescale)
     ref = diffusers_ddpm(name, rescale_betas_zero_snr=rescale)
     assert ours.alphas_cumprod.dtype == torch.float64 and ours.alphas_cumprod.shape == (1000,)
     # diffusers builds its tables in float32 (the rescale adds a few ulps): compare to float32 precision
@@ -52,22 +53,22 @@ def test_alphas_cumprod_match_diffusers(name, rescale):
 
 def test_closed_forms():
     T = 1000
-    lin = get_schedule("linear")
+    lin = get_process("linear")
     assert lin.betas[0].item() == pytest.approx(1e-4) and lin.betas[-1].item() == pytest.approx(0.02)
     torch.testing.assert_close(
         lin.betas.diff(), torch.full((T - 1,), (0.02 - 1e-4) / (T - 1), dtype=torch.float64)
     )
-    sl = get_schedule("scaled_linear")
+    sl = get_process("scaled_linear")
     root = sl.betas.sqrt()
     assert root[0].item() == pytest.approx(0.00085**0.5) and root[-1].item() == pytest.approx(0.012**0.5)
     torch.testing.assert_close(root.diff(), root.diff()[:1].expand(T - 1))  # linear in sqrt space
     # cosine: ab_t = f(t + 1) / f(0), f(t) = cos^2((t / T + s) / (1 + s) pi / 2), until betas hit 0.999
-    cos = get_schedule("cosine")
+    cos = get_process("cosine")
     f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     for t in [0, 1, 10, 500, 900, 990]:
         assert cos.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-10)
     assert cos.betas.max().item() == pytest.approx(0.999) and cos.betas[-1].item() == pytest.approx(0.999)
-    sig = get_schedule("sigmoid", beta_start=0.001, beta_end=0.03, num_timesteps=11)
+    sig = get_process("sigmoid", beta_start=0.001, beta_end=0.03, num_timesteps=11)
     expected = 0.001 + (0.03 - 0.001) / (1 + np.exp(-np.linspace(-6, 6, 11)))
     np.testing.assert_allclose(sig.betas.numpy(), expected, rtol=1e-12)
     # derived tables
@@ -80,8 +81,8 @@ def test_closed_forms():
 
 def test_zero_terminal_snr():
     plain, ztsnr = (
-        get_schedule("scaled_linear"),
-        get_schedule("scaled_linear", rescale_zero_terminal_snr=True),
+        get_process("scaled_linear"),
+        get_process("scaled_linear", rescale_zero_terminal_snr=True),
     )
     assert ztsnr.alphas_cumprod[-1].item() == 0.0 and plain.alphas_cumprod[-1].item() > 1e-3
     assert ztsnr.snr(torch.tensor([999])).item() == 0.0
@@ -98,7 +99,7 @@ def test_zero_terminal_snr():
 @pytest.mark.parametrize("num_timesteps", [1000, 50])
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_inference_timesteps_match_diffusers(spacing, num_timesteps):
-    schedule = get_schedule("linear", num_timesteps=num_timesteps)
+    schedule = get_process("linear", num_timesteps=num_timesteps)
     ref = diffusers_ddpm("linear", num_timesteps, timestep_spacing=spacing)
     checked = 0
     for steps in sorted({1, 2, 3, 7, 10, 20, 25, 49, num_timesteps // 3, num_timesteps}):
@@ -115,7 +116,7 @@ def test_inference_timesteps_match_diffusers(spacing, num_timesteps):
 def test_trailing_spacing_never_goes_below_zero():
     """Documented deviation: diffusers' float arange yields steps + 1 timesteps ending in -1 for some step
     counts (e.g. 61 of 1000); we compute trailing timesteps exactly and agree on the first `steps`."""
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     ref = diffusers_ddpm("linear", timestep_spacing="trailing")
     ref.set_timesteps(61)
     assert len(ref.timesteps) == 62 and ref.timesteps[-1].item() == -1
@@ -125,7 +126,7 @@ def test_trailing_spacing_never_goes_below_zero():
 
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_unrounded_timesteps_match_diffusers_euler(spacing):
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     ref = _diffusers().EulerDiscreteScheduler(timestep_spacing=spacing)
     ref.set_timesteps(13)
     ours = schedule.inference_timesteps(13, spacing, rounded=False)
@@ -136,7 +137,7 @@ def test_unrounded_timesteps_match_diffusers_euler(spacing):
 
 
 def test_sigma_at_interpolates_like_numpy():
-    schedule = get_schedule("cosine", num_timesteps=100)
+    schedule = get_process("cosine", num_timesteps=100)
     t = torch.tensor([0.0, 0.25, 17.5, 42.0, 98.9, 99.0])
     expected = np.interp(t.numpy(), np.arange(100), schedule.sigmas.numpy())
     np.testing.assert_allclose(schedule.sigma_at(t).numpy(), expected, rtol=1e-12)
@@ -144,7 +145,7 @@ def test_sigma_at_interpolates_like_numpy():
 
 @pytest.mark.parametrize("name", sorted(DIFFUSERS_NAME))
 def test_add_noise_matches_diffusers(name):
-    schedule, ref = get_schedule(name), diffusers_ddpm(name)
+    schedule, ref = get_process(name), diffusers_ddpm(name)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
     t = torch.tensor([0, 1, 250, 500, 998, 999])
@@ -155,7 +156,7 @@ def test_add_noise_matches_diffusers(name):
 
 def test_add_noise_statistics():
     """Over many noise draws x_t has mean sqrt(ab_t) x0 and variance 1 - ab_t (Ho et al. 2020, eq. 4)."""
-    schedule = get_schedule("cosine")
+    schedule = get_process("cosine")
     n, t = 20000, torch.tensor([10, 300, 700, 990])
     x0 = torch.tensor([1.5, -0.5, 2.0, 0.7]).view(4, 1)
     noise = torch.randn(4, n, generator=torch.Generator().manual_seed(0))
@@ -167,7 +168,7 @@ def test_add_noise_statistics():
 
 
 def test_add_noise_shapes_dtypes_and_broadcasting():
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     t = torch.tensor([3, 900])
     for shape in [(2,), (2, 5), (2, 7, 16), (2, 3, 4, 4), (2, 1, 2, 3, 3)]:
         x0, noise = torch.ones(shape), torch.zeros(shape)
@@ -186,7 +187,7 @@ def test_add_noise_shapes_dtypes_and_broadcasting():
 
 
 def test_snr():
-    schedule = get_schedule("linear")
+    schedule = get_process("linear")
     t = torch.tensor([0, 100, 999])
     ab = schedule.alphas_cumprod[t]
     snr = schedule.snr(t)
@@ -196,23 +197,23 @@ def test_snr():
 
 
 def test_schedule_is_a_plain_object_with_cached_tables():
-    schedule = get_schedule("linear")
-    assert not isinstance(schedule, torch.nn.Module) and isinstance(schedule, NoiseSchedule)
+    schedule = get_process("linear")
+    assert not isinstance(schedule, torch.nn.Module) and isinstance(schedule, DiscreteProcess)
     a = schedule.table("sqrt_alphas_cumprod", device="cpu", dtype=torch.float32)
     assert a is schedule.table("sqrt_alphas_cumprod", device="cpu", dtype=torch.float32)
     assert schedule.name == "linear" and schedule.num_timesteps == 1000 and "linear" in repr(schedule)
 
 
 def test_failures_are_loud():
-    with pytest.raises(ValueError, match="unknown noise schedule 'cosin'; valid choices: cosine, linear"):
-        get_schedule("cosin")
+    with pytest.raises(ValueError, match="unknown noise process 'cosin'; valid choices: cosine, linear"):
+        get_process("cosin")
     with pytest.raises(ValueError, match="num_timesteps must be an integer >= 1"):
-        get_schedule("linear", num_timesteps=0)
+        get_process("linear", num_timesteps=0)
     with pytest.raises(TypeError, match="unknown option.*beta_min.*valid options: beta_start, beta_end"):
-        get_schedule("linear", beta_min=0.1)
+        get_process("linear", beta_min=0.1)
     with pytest.raises(ValueError, match="betas must lie in"):
-        get_schedule("linear", beta_start=0.0)
-    schedule = get_schedule("linear", num_timesteps=10)
+        get_process("linear", beta_start=0.0)
+    schedule = get_process("linear", num_timesteps=10)
     for steps in [0, 11]:
         with pytest.raises(ValueError, match=r"steps must be an integer in 1\.\.10"):
             schedule.inference_timesteps(steps)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_lab.diffusion import get_sampler, get_schedule
+from diffusion_lab.diffusion import Guidance, get_process, get_sampler
 from diffusion_lab.systems.diffusion import DiffusionSystem
 
 
@@ -33,7 +33,7 @@ class Recorder(nn.Module):
 def _system(net, **kw) -> DiffusionSystem:
     return DiffusionSystem(
         net=net,
-        schedule=get_schedule("linear", num_timesteps=1000),
+        process=get_process("linear", num_timesteps=1000),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         **{"image_size": 4, **kw},
     )
@@ -42,7 +42,7 @@ def _system(net, **kw) -> DiffusionSystem:
 @pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
 def test_loss_is_mse_to_the_target(prediction_type):
     torch.manual_seed(0)
-    system = _system(Recorder(), prediction_type=prediction_type, cond_drop_prob=0.0)
+    system = _system(Recorder(), objective=prediction_type, cond_drop_prob=0.0)
     x0 = torch.rand(16, 1, 4, 4) * 2 - 1
     g = torch.Generator().manual_seed(1)
     loss = system.diffusion_step({"image": x0}, generator=g)
@@ -50,7 +50,7 @@ def test_loss_is_mse_to_the_target(prediction_type):
     g = torch.Generator().manual_seed(1)
     t = torch.randint(0, 1000, (16,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    ab = system.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    ab = system.process.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     a, s = ab.sqrt(), (1 - ab).sqrt()
     target = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[prediction_type]
     torch.testing.assert_close(loss, target.pow(2).mean(), rtol=1e-5, atol=1e-6)
@@ -79,7 +79,7 @@ def test_guided_sampling_is_one_batched_call_per_step():
         sampler=sampler,
         num_samples=2,
         cond={"class_labels": torch.tensor([0, 1])},
-        guidance_scale=3.0,
+        guidance=Guidance(scale=3.0),
         generator=torch.Generator().manual_seed(0),
     )
     assert out.shape == (2, 1, 4, 4)
@@ -89,8 +89,8 @@ def test_guided_sampling_is_one_batched_call_per_step():
 
 
 def test_bad_values_fail_early():
-    with pytest.raises(ValueError, match="prediction_type"):
-        _system(Recorder(), prediction_type="score")
+    with pytest.raises(ValueError, match="objective"):
+        _system(Recorder(), objective="score")
     with pytest.raises(ValueError, match="cond_drop_prob"):
         _system(Recorder(), cond_drop_prob=1.5)
     with pytest.raises(ValueError, match="valid choices"):
@@ -126,7 +126,7 @@ def test_image_logger_steps_override_keeps_the_sampler():
     """`callbacks.image_logger.steps`: the run's sampler and options with fewer steps (cheaper previews)."""
     from diffusion_lab.callbacks.image_logger import ImageLogger
 
-    base = get_sampler("ddim", steps=50, eta=0.5, clip_x0=True)
+    base = get_sampler("ddim", steps=50, eta=0.5, grid="trailing")
     assert ImageLogger(sampler=base).sampler is base
     preview = ImageLogger(sampler=base, steps=25).sampler
     assert (preview.name, preview.steps, preview.opts, preview.nfe) == ("ddim", 25, base.opts, 25)

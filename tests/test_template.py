@@ -93,7 +93,7 @@ def test_optuna_sweep_picks_the_trial_with_the_best_class_accuracy(tmp_path):
     assert {k: str(v) for k, v in result["best_params"].items()} in best
 
 
-SEARCHED = ("model.optimizer.lr", "model.cond_drop_prob", "model.prediction_type")
+SEARCHED = ("model.optimizer.lr", "model.cond_drop_prob", "model.objective")
 
 
 def test_config_tree_is_printed_and_saved(tmp_path, capsys):

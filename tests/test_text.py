@@ -6,15 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.data.captions import (
-    CELEBA_ATTRIBUTES,
-    CELEBA_VOCABULARY,
-    SHAPES_VOCABULARY,
-    caption_words,
-    compose_caption,
-    label_caption,
-)
-from diffusion_lab.data.shapes import random_attributes
+from diffusion_lab.data.captions import caption_words
+from diffusion_lab.data.celeba import CELEBA_ATTRIBUTES, CELEBA_VOCABULARY
+from diffusion_lab.data.phrases import compose_caption, label_caption
+from diffusion_lab.data.shapes import SHAPES_VOCABULARY, random_attributes
 from diffusion_lab.nets.text import (
     ByteTokenizer,
     PretrainedTextEncoder,

@@ -35,7 +35,7 @@ def test_tiny_train_then_sample(tmp_path):
     assert "current_model_state" in ckpt and "diffusion_lab" in ckpt
     model, config = load_system(run / "checkpoints" / "last.ckpt")
     # the default formulation: flow since #14 measured it best (README, "Formulations"); eps before
-    assert config["model"]["prediction_type"] == "flow"
+    assert config["model"]["objective"] == "flow"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ckpt["state_dict"][k])
 
@@ -103,7 +103,7 @@ def test_experiment_composes_and_fast_dev_runs(experiment, tmp_path):
 def test_unknown_names_list_the_choices(tmp_path):
     from hydra.errors import MissingConfigException
 
-    from diffusion_lab.diffusion import get_sampler, get_schedule
+    from diffusion_lab.diffusion import get_process, get_sampler
 
     with pytest.raises(MissingConfigException, match="Available options"):
         compose("train", ["sampler=nope"], tmp_path)
@@ -112,7 +112,7 @@ def test_unknown_names_list_the_choices(tmp_path):
     with pytest.raises(ValueError, match="valid choices: .*ddim"):
         get_sampler("nope")
     with pytest.raises(ValueError, match="valid choices: .*cosine"):
-        get_schedule("nope")
+        get_process("nope")
 
 
 def test_bad_checkpoint_fails_with_one_line(tmp_path):

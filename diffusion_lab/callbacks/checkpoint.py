@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import pickle
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,73 +20,13 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
-from diffusion_lab.files import (
-    HashingWriter,
-    checksum_path,
-    describe_write_error,
-    readable_by_default,
-    write_checksum,
-)
+from diffusion_lab.checkpoints import CheckpointError, checkpoints_trusted, read_checkpoint, refusal
+from diffusion_lab.files import TEMP_SUFFIX, atomic_save, checksum_path, describe_write_error
 
 log = logging.getLogger(__name__)
 
-TEMP_SUFFIX = ".partial"
 _PROCESS_START = time.time()
 WEIGHT_KEYS = ("state_dict", "current_model_state")  # EMAWeightAveraging keeps the raw weights in the second
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(
-    obj: Any,
-    path: str | os.PathLike,
-    *,
-    save: Callable[[Any, Any], None] | None = None,
-    checksum: bool = False,
-) -> None:
-    """Write `obj` to `path` so that `path` holds either the old or the complete new file, never a partial one.
-
-    The bytes go to a hidden temp file in the same folder (`.NAME.XXXX.partial`, so the rename cannot cross a
-    filesystem), are fsynced, and replace `path` with `os.replace`; the folder is fsynced after the rename.
-    `checksum`: the SHA-256 of the bytes (hashed while writing) is recorded in `NAME.sha256` before the rename
-    (`diffusion_lab.files.write_checksum`). On any error the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
-    writer = None
-    try:
-        readable_by_default(fd)
-        with os.fdopen(fd, "wb") as f:
-            writer = HashingWriter(f)
-            (save or torch.save)(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        if checksum:
-            write_checksum(path, writer.sha256.hexdigest())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if writer is not None and writer.error is not None and not isinstance(e, OSError):
-            raise writer.error from e  # a full disk, not torch's "unexpected pos" that followed it
-        raise
-    _fsync_dir(path.parent)
 
 
 def remove_stale_temp_files(
@@ -129,7 +69,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (CheckpointError) a checkpoint whose weights are not finite, and clearing temp files an earlier killed
     process left behind; a full disk is reported as such, the previous checkpoint kept. Remote paths (s3://, gs://...): Lightning's
     own fsspec transaction (object stores publish an upload only once it is complete). Reading a truncated or
-    foreign file fails with a one-line CheckpointError.
+    foreign file fails with a one-line CheckpointError; every read (the resume of `ckpt_path=` / `auto_resume`) is
+    weights-only (`checkpoints.read_checkpoint`), a file that needs more is refused unless trust_checkpoint=true.
     """
 
     def __init__(self, *, check_finite: bool = True) -> None:
@@ -161,8 +102,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from e
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None):
-        if not _is_local_file_protocol(str(path)):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if not _is_local_file_protocol(str(path)):  # weights-only there too (Lightning's default is not)
+            try:
+                return super().load_checkpoint(
+                    path, map_location=map_location, weights_only=not checkpoints_trusted()
+                )
+            except pickle.UnpicklingError as e:
+                raise refusal(path, e) from None
         return read_checkpoint(path, map_location=map_location or (lambda storage, loc: storage))
 
     def remove_checkpoint(self, path: Any) -> None:

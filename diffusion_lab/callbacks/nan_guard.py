@@ -96,7 +96,7 @@ class NonFiniteGuard(Callback):
                 f"{self._bad} (max_consecutive_nonfinite={self.max_consecutive_nonfinite}); their updates were "
                 f"skipped, so the weights are those of step {self.last_good_step if self.last_good_step is not None else 0}"
                 + (f"; last checkpoint: {last}" if last else "; no checkpoint was written yet")
-                + ". Lower the learning rate, check the data, or resume from an earlier checkpoint."
+                + f". {finite_checkpoint_advice(getattr(ckpt, 'dirpath', None))}"
             )
 
     # ---------------------------------------------------------------- state
@@ -109,9 +109,38 @@ class NonFiniteGuard(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
-        self.consecutive = int(state_dict.get("consecutive", 0))
+        # a resumed run starts its count afresh: it is resumed to try again (e.g. with a lower learning rate),
+        # and the checkpoint's own non-finite steps would otherwise stop it at its first bad step
+        self.consecutive = 0
         self.last_good_step = state_dict.get("last_good_step")
 
     @property
     def summary(self) -> dict:
         return {"skipped_steps": self.skipped}
+
+
+def finite_checkpoint_advice(dirpath: str | None) -> str:
+    """What to do after a blow-up: resume from the newest checkpoint in `dirpath` whose weights are all finite
+    (with a lower learning rate), or, when none is, start again."""
+    from pathlib import Path
+
+    from diffusion_lab.checkpoints import CheckpointError, nonfinite_weights, read_checkpoint
+
+    found = []
+    for path in Path(dirpath).glob("*.ckpt") if dirpath else []:
+        try:
+            ckpt = read_checkpoint(path, mmap=True)
+        except CheckpointError:
+            continue
+        states = [ckpt.get(k) or {} for k in ("state_dict", "current_model_state")]
+        if "global_step" in ckpt and not any(nonfinite_weights(s) for s in states):
+            found.append((int(ckpt["global_step"]), path.stat().st_mtime_ns, path))
+    if not found:
+        return (
+            "No checkpoint holds finite weights: start again with a lower learning rate, and check the data."
+        )
+    step, _, path = max(found)
+    return (
+        f"Resume from {path} (step {step}, the newest checkpoint with finite weights: ckpt_path={path}) with a"
+        " lower learning rate (e.g. model.optimizer.lr), or check the data."
+    )

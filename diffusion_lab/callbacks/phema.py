@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +12,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from diffusion_lab.callbacks.checkpoint import atomic_save
-from diffusion_lab.phema import SNAPSHOT_DIR, power_ema_beta, sigma_rel_to_gamma, snapshot_path
+from diffusion_lab.checkpoints import CheckpointError, read_checkpoint
+from diffusion_lab.files import atomic_save
+from diffusion_lab.power_ema import power_ema_beta, sigma_rel_to_gamma
+
+SNAPSHOT_DIR = "phema"
+_SNAPSHOT = re.compile(r"snapshot-(\d+)-(\d+\.\d+)\.pt")
 
 
 class PostHocEMA(Callback):
@@ -125,3 +131,34 @@ class PostHocEMA(Callback):
                 avg.copy_(saved[name])
         self.step = int(self._loaded["step"])
         self._loaded = None
+
+
+# ------------------------------------------------------------------------------------------------ snapshot files
+@dataclass(frozen=True)
+class Snapshot:
+    """One snapshot file of a tracked power-function EMA: its path, optimizer step and sigma_rel."""
+
+    path: Path
+    step: int
+    sigma_rel: float
+
+
+def snapshot_path(directory: str | Path, step: int, sigma_rel: float) -> Path:
+    return Path(directory) / f"snapshot-{step:07d}-{sigma_rel:.3f}.pt"
+
+
+def list_snapshots(directory: str | Path) -> list[Snapshot]:
+    """The snapshots in `directory`, by step then sigma_rel."""
+    found = []
+    for p in Path(directory).glob("snapshot-*.pt"):
+        if m := _SNAPSHOT.fullmatch(p.name):
+            found.append(Snapshot(p, int(m.group(1)), float(m.group(2))))
+    return sorted(found, key=lambda s: (s.step, s.sigma_rel))
+
+
+def load_snapshot(snapshot: Snapshot) -> dict[str, torch.Tensor]:
+    """The averaged weights of a snapshot file (state_dict names), checked against its checksum."""
+    data = read_checkpoint(snapshot.path, what="post-hoc EMA snapshot")
+    if not isinstance(data.get("weights"), dict):
+        raise CheckpointError(f"{snapshot.path} is not a post-hoc EMA snapshot (no 'weights')")
+    return data["weights"]

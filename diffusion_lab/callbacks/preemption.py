@@ -104,7 +104,9 @@ class GracefulStop(Callback):
             log.warning("%s received: stopping after this step and saving %s", sig.name, self.dirpath / LAST)
         elif sig == signal.SIGINT:  # a second Ctrl-C: the user does not want to wait for the step
             self._restore()
-            raise KeyboardInterrupt
+            message = "a second SIGINT: stopped at once, without saving this step"
+            log.warning(message)
+            raise Interrupted(sig, message)  # exit 130; Lightning turns a KeyboardInterrupt into exit 1
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

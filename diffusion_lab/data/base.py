@@ -10,18 +10,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_lab.data.captioners import Captioner, LabelCaptioner
 from diffusion_lab.data.resumable import ResumableDataLoader
 from diffusion_lab.data.transforms import ImageTransform
-
-if TYPE_CHECKING:
-    from diffusion_lab.data.captions import Captioner
 
 log = logging.getLogger(__name__)
 
@@ -244,33 +241,6 @@ class ImageDataset(Dataset):
         return out
 
 
-class ArrayImageDataset(ImageDataset):
-    """Images held in memory as uint8 (N, H, W[, C]) -> dict batches {image, label?, caption?}."""
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray | None = None,
-        *,
-        image_size: int,
-        channels: int,
-        hflip: bool = False,
-        class_names: Sequence[str] | None = None,
-        captioner: Captioner | None = None,
-        train: bool = False,
-    ) -> None:
-        super().__init__(
-            ArraySource(images),
-            transform=ImageTransform(image_size=image_size, channels=channels, hflip=hflip),
-            labels=labels,
-            class_names=class_names,
-            captioner=captioner,
-            train=train,
-        )
-        self.images = images
-        self.hflip = hflip
-
-
 def split_fractions(*, val_fraction: float, test_fraction: float = 0.0) -> tuple[float, float, float]:
     """(train, val, test) shares from a data module's `val_fraction` / `test_fraction`; ValueError (one line,
     naming the key) unless each is a number in [0, 1) and together they leave a training share."""
@@ -283,6 +253,30 @@ def split_fractions(*, val_fraction: float, test_fraction: float = 0.0) -> tuple
             " (their sum must be < 1)"
         )
     return 1.0 - val_fraction - test_fraction, val_fraction, test_fraction
+
+
+def held_out_val(n_train: int, n_total: int, *, val_fraction: float, seed: int) -> list[np.ndarray]:
+    """(train, val, test) for data with an official test set after `n_train` training items: a seeded
+    `val_fraction` of the training items is held out (sorted), the official test items are the test split."""
+    train, val = seeded_split(n_train, (1.0 - val_fraction, val_fraction), seed)
+    return [train, np.sort(val), np.arange(n_train, n_total)]
+
+
+SHARED_ARGS = (
+    "image_size",
+    "channels",
+    "seed",
+    "captions",
+    "hflip",
+    "batch_size",
+    "num_workers",
+    "pin_memory",
+)
+
+
+def shared_args(args: dict) -> dict:
+    """The BaseDataModule arguments among a data module constructor's `locals()`."""
+    return {k: args[k] for k in SHARED_ARGS if k in args}
 
 
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -309,8 +303,24 @@ class BaseDataModule(L.LightningDataModule):
     channels: int = 3
     image_size: int = 32
 
-    def __init__(self, *, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        seed: int = 0,
+        captions: bool = False,
+        hflip: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
         super().__init__()
+        self.image_size = image_size
+        self.channels = channels
+        self.seed = seed
+        self.captions = captions
+        self.hflip = hflip
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -318,19 +328,25 @@ class BaseDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def label_captioner(self, labels: np.ndarray, *, style: str = "photo") -> LabelCaptioner | None:
+        """Captions from the class names in one template style when `captions` is on, else None."""
+        return (
+            LabelCaptioner(labels, self.class_names, style=style, seed=self.seed) if self.captions else None
+        )
+
     def _make_splits(
         self,
         source: ArraySource | FileSource,
         parts: Sequence[np.ndarray],
         *,
-        hflip: bool = False,
         crop_size: int | None = None,
         labels: np.ndarray | None = None,
         attributes: np.ndarray | None = None,
         captioner: Captioner | None = None,
         skip_corrupt: bool = False,
     ) -> None:
-        """Set train/val/test ImageDatasets over `parts` = (train, val, test) source indices."""
+        """Set train/val/test ImageDatasets over `parts` = (train, val, test) source indices (the training split
+        flipped at random when `hflip`)."""
         kw = dict(
             labels=labels,
             class_names=self.class_names,
@@ -342,7 +358,11 @@ class BaseDataModule(L.LightningDataModule):
         tf = dict(image_size=self.image_size, channels=self.channels, crop_size=crop_size)
         train, val, test = parts
         self.train_set = ImageDataset(
-            source, train, transform=ImageTransform(**tf, hflip=hflip), train=True, **kw
+            source,
+            train,
+            transform=ImageTransform(**tf, hflip=self.hflip),
+            train=True,
+            **kw,
         )
         self.val_set = ImageDataset(source, val, transform=ImageTransform(**tf), **kw)
         self.test_set = ImageDataset(source, test, transform=ImageTransform(**tf), **kw)

@@ -4,14 +4,142 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from diffusion_lab.data.base import BaseDataModule, DataError, FileSource, data_error, folder_is_empty
-from diffusion_lab.data.captions import CELEBA_ATTRIBUTES, CELEBA_VOCABULARY, AttributeCaptioner
+from diffusion_lab.data.base import (
+    BaseDataModule,
+    DataError,
+    FileSource,
+    data_error,
+    folder_is_empty,
+    shared_args,
+)
+from diffusion_lab.data.captioners import AttributeCaptioner
+from diffusion_lab.data.phrases import Phrase, Vocabulary
 
 log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------- captions: the 40 attributes in words
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
+    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
+    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
+    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
+
+_HAIR_COLOURS = (
+    ("Blond_Hair", ("blond", "blonde")),
+    ("Black_Hair", ("black",)),
+    ("Brown_Hair", ("brown",)),
+    ("Gray_Hair", ("gray", "grey")),
+)
+# attribute -> (slot, words, order, p, group): the facts said only when the attribute is 1
+_CELEBA_SIMPLE: dict[str, tuple[str, tuple[str, ...], int, float, str | None]] = {
+    "Chubby": ("adj", ("chubby", "plump", "round-faced"), 30, 0.5, None),
+    "Pale_Skin": ("adj", ("pale", "pale-skinned", "fair-skinned"), 50, 0.4, None),
+    "Blurry": (
+        "prefix",
+        ("a blurry photo of ", "a blurry picture of ", "an out-of-focus photo of "),
+        0,
+        0.8,
+        None,
+    ),
+    "Bangs": ("with", ("bangs", "a fringe"), 12, 0.5, None),
+    "Receding_Hairline": ("with", ("a receding hairline",), 14, 0.5, None),
+    "Arched_Eyebrows": ("with", ("arched eyebrows",), 30, 0.25, "eyebrows"),
+    "Bushy_Eyebrows": ("with", ("bushy eyebrows", "thick eyebrows"), 30, 0.3, "eyebrows"),
+    "Narrow_Eyes": ("with", ("narrow eyes",), 31, 0.25, None),
+    "Bags_Under_Eyes": ("with", ("bags under the eyes", "bags under his eyes"), 32, 0.25, None),
+    "High_Cheekbones": ("with", ("high cheekbones",), 33, 0.25, None),
+    "Rosy_Cheeks": ("with", ("rosy cheeks",), 34, 0.3, None),
+    "Big_Nose": ("with", ("a big nose", "a large nose"), 35, 0.25, "nose"),
+    "Pointy_Nose": ("with", ("a pointy nose", "a pointed nose"), 35, 0.25, "nose"),
+    "Big_Lips": ("with", ("big lips", "full lips"), 36, 0.25, None),
+    "Mouth_Slightly_Open": ("with", ("a slightly open mouth", "slightly parted lips"), 37, 0.3, None),
+    "Oval_Face": ("with", ("an oval face",), 38, 0.2, None),
+    "Double_Chin": ("with", ("a double chin",), 39, 0.3, None),
+    "Eyeglasses": ("wearing", ("glasses", "eyeglasses", "spectacles"), 10, 0.9, None),
+    "Wearing_Hat": ("wearing", ("a hat",), 11, 0.9, None),
+    "Wearing_Earrings": ("wearing", ("earrings",), 20, 0.6, None),
+    "Wearing_Necklace": ("wearing", ("a necklace",), 21, 0.5, None),
+    "Wearing_Necktie": ("wearing", ("a tie", "a necktie"), 22, 0.6, None),
+    "Heavy_Makeup": ("wearing", ("heavy makeup", "a lot of makeup"), 30, 0.5, None),
+    "Wearing_Lipstick": ("wearing", ("lipstick",), 31, 0.5, None),
+}
+_CELEBA_BEARD = {  # men only: facial-hair annotations on women are mostly label noise
+    "Goatee": ("with", ("a goatee",), 21, 0.7, None),
+    "Mustache": ("with", ("a mustache", "a moustache"), 22, 0.7, None),
+    "Sideburns": ("with", ("sideburns", "long sideburns"), 23, 0.4, None),
+    "5_o_Clock_Shadow": ("with", ("stubble", "a five o'clock shadow", "light stubble"), 24, 0.5, None),
+}
+
+
+def _on(value: Any) -> bool:
+    """CelebA flags come as 1/-1, 1/0 or bools."""
+    return float(value) > 0
+
+
+def celeba_phrases(attributes: Mapping[str, Any]) -> list[Phrase]:
+    """CelebA's 40 binary attributes -> phrases; gender and age pick the subject, negatives only if informative."""
+    on = {name: _on(attributes.get(name, 0)) for name in CELEBA_ATTRIBUTES}
+    male, young = on["Male"], on["Young"]
+    out = [
+        Phrase("subject", ("man", "man", "guy", "gentleman") if male else ("woman", "woman", "lady")),
+        Phrase("adj", ("young",) if young else ("older", "middle-aged"), order=40, p=0.6),
+    ]
+    if on["Attractive"]:
+        out.append(
+            Phrase("adj", ("attractive", "good-looking", "handsome" if male else "beautiful"), 10, 0.25)
+        )
+    if on["Smiling"]:
+        out.append(Phrase("adj", ("smiling", "smiling", "grinning"), 20, 0.85, group="smile"))
+        out.append(Phrase("with", ("a smile", "a big smile"), 5, 0.3, group="smile"))
+    if on["Bald"]:
+        out.append(Phrase("adj", ("bald", "bald-headed"), 35, 0.9))
+    else:
+        colour = next((words for name, words in _HAIR_COLOURS if on[name]), None)
+        style = "wavy" if on["Wavy_Hair"] else "straight" if on["Straight_Hair"] else None
+        if colour or style:
+            texts = tuple(" ".join(w for w in (style, c, "hair") if w) for c in (colour or (None,)))
+            out.append(Phrase("with", texts, 10, 0.85))
+    table = dict(_CELEBA_SIMPLE)
+    if on["Bald"]:
+        table.pop("Bangs")
+    if male:
+        table.update(_CELEBA_BEARD)
+        if not on["No_Beard"]:
+            out.append(Phrase("with", ("a beard", "a full beard"), 20, 0.8))
+        elif not (on["Goatee"] or on["Mustache"] or on["5_o_Clock_Shadow"] or on["Sideburns"]):
+            out.append(Phrase("adj", ("clean-shaven",), 32, 0.25, group="shaven"))
+            out.append(Phrase("with", ("no beard",), 25, 0.2, group="shaven"))
+    for name, (slot, words, order, p, group) in table.items():
+        if on[name]:
+            if name == "Bags_Under_Eyes" and not male:
+                words = ("bags under the eyes", "bags under her eyes")
+            out.append(Phrase(slot, words, order, p, group))
+    return out
+
+
+CELEBA_VOCABULARY = Vocabulary(
+    celeba_phrases,
+    prefixes=(
+        "",
+        "",
+        "a photo of ",
+        "a portrait of ",
+        "a close-up photo of ",
+        "a picture of ",
+        "a headshot of ",
+    ),
+    max_details=4,
+    max_adjectives=2,
+)
+
 
 CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 CELEBA_LAYOUT = (
@@ -107,15 +235,10 @@ class CelebADataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(**shared_args(locals()))
         self.data_dir = Path(data_dir)
-        self.image_size = image_size
         self.crop_size = crop_size
-        self.channels = channels
-        self.hflip = hflip
-        self.captions = captions
         self.skip_corrupt = skip_corrupt
-        self.seed = seed
 
     def _image_dir(self) -> Path:
         d = self.data_dir
@@ -168,7 +291,6 @@ class CelebADataModule(BaseDataModule):
         self._make_splits(
             FileSource(image_dir, files, channels=self.channels),
             [np.flatnonzero(split == k) for k in (0, 1, 2)],
-            hflip=self.hflip,
             crop_size=self.crop_size,
             attributes=attributes,
             captioner=captioner,

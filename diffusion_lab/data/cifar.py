@@ -19,10 +19,10 @@ from diffusion_lab.data.base import (
     data_error,
     download_url,
     folder_is_empty,
-    seeded_split,
+    held_out_val,
+    shared_args,
     split_fractions,
 )
-from diffusion_lab.data.captions import LabelCaptioner
 
 
 @dataclass(frozen=True)
@@ -219,16 +219,11 @@ class CIFAR10DataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(**shared_args(locals()))
         self.data_dir = Path(data_dir)
         self.download = download
-        self.image_size = image_size
-        self.channels = channels
-        self.hflip = hflip
         split_fractions(val_fraction=val_fraction)  # checked here, one line
         self.val_fraction = val_fraction
-        self.seed = seed
-        self.captions = captions
 
     def prepare_data(self) -> None:
         """Download and checksum the tarball (Lightning calls this on one process per node)."""
@@ -244,19 +239,10 @@ class CIFAR10DataModule(BaseDataModule):
         self.num_classes = len(self.class_names)
         images = np.concatenate([d["train_images"], d["test_images"]])
         labels = np.concatenate([d["train_labels"], d["test_labels"]])
-        n_train = len(d["train_images"])
-        train, val = seeded_split(n_train, (1.0 - self.val_fraction, self.val_fraction), self.seed)
-        test = np.arange(n_train, len(images))
-        captioner = (
-            LabelCaptioner(labels, self.class_names, style="photo", seed=self.seed) if self.captions else None
+        parts = held_out_val(
+            len(d["train_images"]), len(images), val_fraction=self.val_fraction, seed=self.seed
         )
-        self._make_splits(
-            ArraySource(images),
-            (train, np.sort(val), test),
-            hflip=self.hflip,
-            labels=labels,
-            captioner=captioner,
-        )
+        self._make_splits(ArraySource(images), parts, labels=labels, captioner=self.label_captioner(labels))
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
@@ -285,17 +271,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         if label_type not in ("fine", "coarse"):
             raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")
         super().__init__(
-            data_dir=data_dir,
-            download=download,
-            image_size=image_size,
-            channels=channels,
-            hflip=hflip,
-            val_fraction=val_fraction,
-            seed=seed,
-            captions=captions,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
+            **{k: v for k, v in locals().items() if k not in ("self", "__class__", "label_type")}
         )
         self.label_type = label_type
         self.num_classes = 100 if label_type == "fine" else 20

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, split_fractions
-from diffusion_lab.data.captions import LabelCaptioner
+from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, shared_args, split_fractions
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -38,21 +37,13 @@ class DigitsDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-        self.image_size = image_size
-        self.channels = channels
+        super().__init__(**shared_args(locals()))
         self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
-        self.seed = seed
-        self.captions = captions
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         images, labels = load_digits_uint8()
         parts = seeded_split(len(images), self.fractions, self.seed)
-        captioner = (
-            LabelCaptioner(labels, self.class_names, style="handwritten", seed=self.seed)
-            if self.captions
-            else None
-        )
+        captioner = self.label_captioner(labels, style="handwritten")
         self._make_splits(ArraySource(images), parts, labels=labels, captioner=captioner)

@@ -16,9 +16,10 @@ from diffusion_lab.data.base import (
     data_error,
     folder_is_empty,
     seeded_split,
+    shared_args,
     split_fractions,
 )
-from diffusion_lab.data.captions import Captioner, LabelCaptioner, TextCaptioner
+from diffusion_lab.data.captioners import Captioner, LabelCaptioner, TextCaptioner
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,10 @@ class ImageFolderDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(**shared_args(locals()))
         self.data_dir = Path(data_dir)
-        self.image_size = image_size
         self.crop_size = crop_size
-        self.channels = channels
-        self.hflip = hflip
         self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
-        self.seed = seed
-        self.captions = captions
         self.skip_corrupt = skip_corrupt
         self._scan: tuple[list[str], np.ndarray | None, list[str] | None] | None = None
 
@@ -144,7 +140,6 @@ class ImageFolderDataModule(BaseDataModule):
         self._make_splits(
             FileSource(self.data_dir, files, channels=self.channels),
             (train, np.sort(val), np.sort(test)),
-            hflip=self.hflip,
             crop_size=self.crop_size,
             labels=labels,
             captioner=self._captioner(files, labels) if self.captions else None,

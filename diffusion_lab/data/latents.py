@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffusion_lab.data.base import ImageDataset
+from diffusion_lab.files import atomic_save
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "diffusion_lab.latents/1"
@@ -107,10 +108,7 @@ def load_or_build_cache(
     autoencoder.eval()
     data = {"format": CACHE_FORMAT, **encode_dataset(autoencoder, dataset, device=device)}
     autoencoder.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    atomic_save(data, path)  # concurrent runs never read half a file
     return data, path
 
 

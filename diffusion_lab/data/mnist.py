@@ -18,10 +18,10 @@ from diffusion_lab.data.base import (
     data_error,
     download_url,
     folder_is_empty,
-    seeded_split,
+    held_out_val,
+    shared_args,
     split_fractions,
 )
-from diffusion_lab.data.captions import LabelCaptioner
 from diffusion_lab.data.digits import DIGIT_NAMES
 
 IDX_FILES = {
@@ -187,15 +187,11 @@ class MNISTDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(**shared_args(locals()))
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.download = download
-        self.image_size = image_size
-        self.channels = channels
         split_fractions(val_fraction=val_fraction)  # checked here, one line
         self.val_fraction = val_fraction
-        self.seed = seed
-        self.captions = captions
         self.class_names = list(self.spec.class_names)
 
     def _found(self) -> bool:
@@ -221,17 +217,11 @@ class MNISTDataModule(BaseDataModule):
         d = read_idx_dataset(self.data_dir, self.spec)
         images = np.concatenate([d["train_images"], d["test_images"]])
         labels = np.concatenate([d["train_labels"], d["test_labels"]])
-        n_train = len(d["train_images"])
-        train, val = seeded_split(n_train, (1.0 - self.val_fraction, self.val_fraction), self.seed)
-        test = np.arange(n_train, len(images))
-        captioner = (
-            LabelCaptioner(labels, self.class_names, style=self.spec.caption_style, seed=self.seed)
-            if self.captions
-            else None
+        parts = held_out_val(
+            len(d["train_images"]), len(images), val_fraction=self.val_fraction, seed=self.seed
         )
-        self._make_splits(
-            ArraySource(images), (train, np.sort(val), test), labels=labels, captioner=captioner
-        )
+        captioner = self.label_captioner(labels, style=self.spec.caption_style)
+        self._make_splits(ArraySource(images), parts, labels=labels, captioner=captioner)
 
 
 class FashionMNISTDataModule(MNISTDataModule):

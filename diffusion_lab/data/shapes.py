@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, split_fractions
-from diffusion_lab.data.captions import SHAPES_VOCABULARY, Captioner, compose_caption
+from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, shared_args, split_fractions
+from diffusion_lab.data.captioners import Captioner
+from diffusion_lab.data.phrases import Phrase, Vocabulary, compose_caption
 
 CANVAS = 32  # shapes are drawn (and detected) on a 32 x 32 canvas; other sizes are resized from it
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -36,6 +38,30 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 ATTRIBUTE_NAMES = [f"{k}={v}" for k, values in ATTRIBUTES.items() for v in values]  # one-hot columns
 JITTER = 2  # the centre moves by up to this many pixels in each direction
+_SIZES = {"small": ("small", "little", "tiny"), "medium": ("medium-sized",), "large": ("large", "big")}
+_POSITIONS = {
+    "center": ("in the center", "in the middle"),
+    "top left": ("in the top left corner", "at the top left"),
+    "top right": ("in the top right corner", "at the top right"),
+    "bottom left": ("in the bottom left corner", "at the bottom left"),
+    "bottom right": ("in the bottom right corner", "at the bottom right"),
+}
+
+
+def shapes_phrases(attributes: Mapping[str, Any]) -> list[Phrase]:
+    """{shape, colour?, size?, position?} -> phrases; every given fact is said (p=1)."""
+    a = attributes
+    out = [Phrase("subject", (str(a["shape"]),))]
+    if a.get("size"):
+        out.append(Phrase("adj", _SIZES.get(a["size"], (str(a["size"]),)), order=10))
+    if a.get("colour"):
+        out.append(Phrase("adj", (str(a["colour"]),), order=20))
+    if a.get("position"):
+        out.append(Phrase("where", _POSITIONS.get(a["position"], (f"at the {a['position']}",))))
+    return out
+
+
+SHAPES_VOCABULARY = Vocabulary(shapes_phrases, prefixes=("", "an image of ", "a drawing of "), max_details=3)
 # shape from the fill ratio area / bounding-box area: square 1, disc ~0.8, triangle ~0.5-0.6
 _FILL_SQUARE, _FILL_CIRCLE = 0.9, 0.64
 
@@ -175,15 +201,11 @@ class ShapesDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(**shared_args(locals()))
         if num_images < 3:
             raise ValueError(f"num_images must be >= 3 (one per split), got {num_images}")
         self.num_images = num_images
-        self.image_size = image_size
-        self.channels = channels
         self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
-        self.seed = seed
-        self.captions = captions
         self.item_attributes: list[dict[str, str]] = []
 
     def setup(self, stage: str | None = None) -> None:

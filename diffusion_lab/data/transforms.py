@@ -37,15 +37,6 @@ def resize(image: torch.Tensor, size: int | tuple[int, int], *, antialias: bool 
     return x if batched else x[0]
 
 
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Square center crop of a (..., H, W) tensor."""
-    h, w = image.shape[-2:]
-    if size > min(h, w):
-        raise ValueError(f"crop size {size} is larger than the image ({h}x{w})")
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[..., top : top + size, left : left + size]
-
-
 def random_hflip(
     image: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5
 ) -> torch.Tensor:

@@ -2,47 +2,60 @@
 guidance and samplers."""
 
 from .grids import GRIDS, Grid, make_grid
-from .guidance import Denoiser, classifier_free_guidance
+from .guidance import Denoiser, Guidance
 from .losses import LOSS_WEIGHTINGS, diffusion_loss, get_loss_weighting
 from .noise_levels import NOISE_LEVELS, get_noise_levels
-from .objectives import Objective, get_objective, training_loss
-from .parameterization import PREDICTION_TYPES, convert, from_x0_eps, to_x0_eps, training_target
-from .processes import PROCESSES, Process, get_process, process_names
+from .objectives import OBJECTIVES, Objective, convert, get_objective, register_objective, training_loss
+from .processes import PROCESSES, Process, get_process
 from .registry import Registry
 from .samplers import SAMPLERS, Sampler, get_sampler, register_sampler, sampler_options
-from .schedules import SCHEDULES, SPACINGS, NoiseSchedule, get_schedule
+from .schedules import BETA_SCHEDULES, DiscreteProcess
 
 __all__ = [
+    "BETA_SCHEDULES",
     "GRIDS",
     "LOSS_WEIGHTINGS",
     "NOISE_LEVELS",
-    "PREDICTION_TYPES",
+    "OBJECTIVES",
     "PROCESSES",
     "SAMPLERS",
-    "SCHEDULES",
-    "SPACINGS",
     "Denoiser",
+    "DiscreteProcess",
     "Grid",
-    "NoiseSchedule",
+    "Guidance",
     "Objective",
     "Process",
     "Registry",
     "Sampler",
-    "classifier_free_guidance",
     "convert",
     "diffusion_loss",
-    "from_x0_eps",
     "get_loss_weighting",
     "get_noise_levels",
     "get_objective",
     "get_process",
     "get_sampler",
-    "get_schedule",
     "make_grid",
-    "process_names",
+    "register_objective",
     "register_sampler",
     "sampler_options",
-    "to_x0_eps",
     "training_loss",
-    "training_target",
 ]
+
+RENAMED = {  # old public name -> what to use now (one name per concept)
+    "PREDICTION_TYPES": "OBJECTIVES",
+    "training_target": "get_objective(name).target",
+    "from_x0_eps": "get_objective(name).target",
+    "to_x0_eps": "get_objective(name).denoised",
+    "SCHEDULES": "BETA_SCHEDULES (or PROCESSES)",
+    "NoiseSchedule": "DiscreteProcess",
+    "get_schedule": "get_process",
+    "SPACINGS": "GRIDS",
+    "process_names": "PROCESSES.names()",
+    "classifier_free_guidance": "Denoiser(..., guidance=Guidance(scale=...))",
+}
+
+
+def __getattr__(name: str):
+    if name in RENAMED:  # ImportError: what `from diffusion_lab.diffusion import <old>` shows as is
+        raise ImportError(f"diffusion_lab.diffusion.{name} is gone: use {RENAMED[name]}")
+    raise AttributeError(f"module 'diffusion_lab.diffusion' has no attribute {name!r}")

@@ -9,6 +9,9 @@ records each point's (alpha, sigma). Grids:
 - karras: Karras et al. 2022, eq. 5 (rho = 7) between the process's ksigma range.
 - uniform: evenly spaced in the process's unit time (flow: t itself, from 1 to 1 / T), with SD3's shift.
 - exponential: evenly spaced in log ksigma (k-diffusion ``get_sigmas_exponential``).
+Each grid has one starting convention (``register_grid(start=...)``), whatever the sampler: x_{t[0]} = x_T times
+sigma(t[0]) ('sigma': k-diffusion's x_T * sigma_max in its coordinates, as EDM) on karras and exponential, times
+sqrt(alpha^2 + sigma^2) ('unit': the std of x_t for unit-variance data, diffusers' DDIM) on the others.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from .registry import Registry
 from .utils import check_options
 
 GRIDS = Registry("sampling grid")
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace")  # the grids that are diffusers timestep spacings
+STARTS = ("unit", "sigma")
+_START: dict[str, str] = {}  # grid name -> its starting convention
 FLAVOURS = ("ddim", "euler", "multistep")
 
 
@@ -63,8 +68,12 @@ class Grid:
         return x_T * scale[space]
 
 
-def register_grid(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a grid function ``fn(process, steps, *, <options>) -> (t, ksigma)`` under ``name``."""
+def register_grid(name: str, *, start: str = "unit") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a grid function ``fn(process, steps, *, <options>) -> (t, ksigma)`` under ``name``; ``start``:
+    its starting convention, 'unit' or 'sigma' (module docstring)."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    _START[name] = start
     return GRIDS.register(name)
 
 
@@ -132,7 +141,7 @@ def _ksigma_range(process: Process, sigma_min: float | None, sigma_max: float | 
     return lo, hi
 
 
-@register_grid("karras")
+@register_grid("karras", start="sigma")
 def karras(
     process: Process,
     steps: int,
@@ -150,7 +159,7 @@ def karras(
     return process.t_from_ksigma(ksigma), ksigma
 
 
-@register_grid("exponential")
+@register_grid("exponential", start="sigma")
 def exponential(
     process: Process, steps: int, *, sigma_min: float | None = None, sigma_max: float | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -188,18 +197,15 @@ def make_grid(
     name: str | None = None,
     *,
     flavour: str = "ddim",
-    spacing: str = "leading",
     end: str = "clean",
-    prior: str = "unit",
     **opts: Any,
 ) -> Grid:
-    """The ``Grid`` of ``steps`` steps on ``process``: grid ``name`` (None: the process's default, or for discrete
-    schedules the sampler's diffusers ``spacing``). ``end``: 'clean' (sigma = 0) or 't_min' (diffusers' DDIM
-    with set_alpha_to_one=False). ``prior``: 'unit' (x_T scaled by sqrt(alpha^2 + sigma^2), the std of x_t for
-    unit-variance data) or 'sigma' (scaled by sigma, as EDM's sampler and diffusers' Euler schedulers with
-    linspace / trailing spacing)."""
+    """The ``Grid`` of ``steps`` steps on ``process``: grid ``name`` (None: the process's default; discrete
+    processes have none, their samplers name a diffusers spacing). ``end``: 'clean' (sigma = 0) or 't_min'
+    (diffusers' DDIM with set_alpha_to_one=False)."""
+    name = name or process.default_grid
     if name is None:
-        name = process.default_grid or spacing
+        raise ValueError(f"process {process.name!r} has no default grid: name one ({', '.join(GRIDS)})")
     fn = GRIDS.get(name)
     check_options(fn, opts, what=f"grid {name!r}", skip=("flavour",))
     if name in SPACINGS:
@@ -227,8 +233,6 @@ def make_grid(
     if ks[-1] == 0:  # the clean end in k-diffusion space: alpha = 1 for every process
         a_k[-1], s_k[-1] = 1.0, 0.0
     scale = {"unit": math.hypot(alpha[0], sigma[0]), "sigma": sigma[0]}
-    if prior not in scale:
-        raise ValueError(f"prior must be 'unit' or 'sigma', got {prior!r}")
     return Grid(
         t=(*t, t_end),
         alpha=(*alpha, a_end),
@@ -236,5 +240,5 @@ def make_grid(
         ksigma=tuple(ks),
         alpha_k=tuple(a_k),
         sigma_k=tuple(s_k),
-        prior=scale[prior],
+        prior=scale[_START[name]],
     )

@@ -9,12 +9,13 @@ conversion), applying on the way
   conditional prediction elsewhere (one forward, no uncond);
 - autoguidance (Karras et al. 2024): the guide is a weaker model of the same kind (e.g. an earlier checkpoint)
   called with the same condition, ``guide + s (main - guide)``.
-Guiding x0_hat equals guiding the raw output for every prediction type (x0_hat is affine in it).
+Guiding x0_hat equals guiding the raw output for every objective (x0_hat is affine in it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,29 +48,6 @@ def _cfg_batch(
     return out_uncond, out_cond
 
 
-def classifier_free_guidance(
-    model: Model,
-    x: Tensor,
-    t: Tensor,
-    *,
-    cond: dict[str, Any] | None = None,
-    uncond: dict[str, Any] | None = None,
-    guidance_scale: float = 1.0,
-) -> Tensor:
-    """Guided model output ``uncond + s * (cond - uncond)`` (Ho & Salimans 2022, eq. 6).
-
-    With ``guidance_scale == 1`` or no ``uncond`` it is one plain call ``model(x, t, **cond)``; otherwise ONE
-    batched call on [uncond; cond]: x and t are doubled and every tensor in cond/uncond is concatenated.
-    """
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    cond = cond or {}
-    if uncond is None or guidance_scale == 1.0:
-        return model(x, t, **cond)
-    out_uncond, out_cond = _cfg_batch(model, x, t, cond, uncond)
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
-
-
 def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     """Lin et al. 2023, Alg. 2: phi * guided * std(cond) / std(guided) + (1 - phi) * guided, std per sample."""
     if phi == 0:
@@ -81,22 +59,29 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     return phi * rescaled + (1 - phi) * guided
 
 
-def check_guidance(
-    guidance_scale: float, guidance_rescale: float, guidance_interval: Sequence[float] | None
-) -> tuple[float, float] | None:
-    """Validate the guidance settings; returns the interval as a (lo, hi) tuple (or None)."""
-    if not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    if not 0 <= guidance_rescale <= 1:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-    if guidance_interval is None:
-        return None
-    lo, hi = (float(v) for v in guidance_interval)
-    if not 0 <= lo < hi:
-        raise ValueError(
-            f"guidance_interval must be [lo, hi] with 0 <= lo < hi (k-diffusion sigma), got {[lo, hi]}"
-        )
-    return lo, hi
+@dataclass(frozen=True)
+class Guidance:
+    """How the denoiser is guided: CFG ``scale`` (1: off), ``rescale`` phi (Lin et al. 2023), ``interval`` [lo, hi]
+    in k-diffusion sigma where guidance applies (Kynkaanniemi et al. 2024), and ``guide``, a weaker net of the same
+    kind in place of the unconditional branch (autoguidance, Karras et al. 2024)."""
+
+    scale: float = 1.0
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None
+    guide: Model | None = None
+
+    def __post_init__(self) -> None:
+        if not self.scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.scale}")
+        if not 0 <= self.rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.rescale}")
+        if self.interval is not None:
+            lo, hi = (float(v) for v in self.interval)
+            if not 0 <= lo < hi:
+                raise ValueError(
+                    f"guidance_interval must be [lo, hi] with 0 <= lo < hi (k-diffusion sigma), got {[lo, hi]}"
+                )
+            object.__setattr__(self, "interval", (lo, hi))
 
 
 class Denoiser:
@@ -112,31 +97,28 @@ class Denoiser:
         objective: str | Objective = "eps",
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
-        guidance_scale: float = 1.0,
-        guidance_rescale: float = 0.0,
-        guidance_interval: Sequence[float] | None = None,
-        guide: Model | None = None,
+        guidance: Guidance | None = None,
         clip_x0: bool = False,
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
         progress: bool = False,
         name: str = "sampling",
     ) -> None:
-        self.interval = check_guidance(guidance_scale, guidance_rescale, guidance_interval)
         self.model, self.process, self.objective = model, process, get_objective(objective)
-        self.cond, self.uncond, self.guide = cond or {}, uncond, guide
-        self.guidance_scale, self.guidance_rescale, self.clip_x0 = guidance_scale, guidance_rescale, clip_x0
+        self.cond, self.uncond, self.guidance = cond or {}, uncond, guidance or Guidance()
+        self.clip_x0 = clip_x0
         self.generator, self.callback, self.show_progress, self.name = generator, callback, progress, name
 
     def guided_at(self, ksigma: float) -> bool:
         """Whether guidance applies at this k-diffusion sigma (scale != 1, something to guide with, interval)."""
-        if self.guidance_scale == 1.0 or (self.uncond is None and self.guide is None):
+        g = self.guidance
+        if g.scale == 1.0 or (self.uncond is None and g.guide is None):
             return False
-        return self.interval is None or self.interval[0] < ksigma <= self.interval[1]
+        return g.interval is None or g.interval[0] < ksigma <= g.interval[1]
 
     def __call__(self, x: Tensor, t: float, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) at x_t = x with x_t = alpha x0 + sigma eps; t is the process's noise level."""
-        if alpha == 0 and self.objective.prediction_type == "eps":
+        if alpha == 0 and self.objective.name == "eps":
             raise ValueError(
                 "eps prediction cannot give x0 where alpha = 0 (zero terminal SNR, flow at t = 1): use v, x0 or "
                 "flow prediction, or a k-diffusion sampler (euler, heun, dpmpp_2m, ...) that floors alpha"
@@ -153,13 +135,14 @@ class Denoiser:
         if not self.guided_at(sigma / max(alpha, ALPHA_FLOOR)):
             x0 = x0_of(self.model(x_in, level, **self.cond))
         else:  # guide the raw outputs (x0_hat is affine in them), then convert once
-            if self.guide is not None:  # autoguidance: the weaker model with the same condition
-                out_u, out_c = self.guide(x_in, level, **self.cond), self.model(x_in, level, **self.cond)
+            g = self.guidance
+            if g.guide is not None:  # autoguidance: the weaker model with the same condition
+                out_u, out_c = g.guide(x_in, level, **self.cond), self.model(x_in, level, **self.cond)
             else:
                 out_u, out_c = _cfg_batch(self.model, x_in, level, self.cond, self.uncond)
-            x0 = x0_of(out_u + self.guidance_scale * (out_c - out_u))
-            if self.guidance_rescale > 0:
-                x0 = rescale_guidance(x0, x0_of(out_c), self.guidance_rescale)
+            x0 = x0_of(out_u + g.scale * (out_c - out_u))
+            if g.rescale > 0:
+                x0 = rescale_guidance(x0, x0_of(out_c), g.rescale)
         if self.clip_x0:
             # eps_hat follows the clipped x0_hat so the pair stays consistent (guided-diffusion's ddim_sample;
             # diffusers' DDIM with use_clipped_model_output=True): leaving eps as predicted breaks DDIM under

@@ -1,7 +1,7 @@
 """Per-sample diffusion loss weightings (uniform, min-SNR-gamma), registered by name, and the loss itself.
 
-A weighting returns the per-sample weight of the squared error in the model's own output (its prediction
-type). Weightings defined on x0 (min-SNR) are converted with ``parameterization.x0_error_scale``, so they mean
+A weighting returns the per-sample weight of the squared error in the model's own output (its objective).
+Weightings defined on x0 (min-SNR) are converted with ``Objective.x0_error_scale``, so they mean
 the same objective whatever the net predicts (eps, v, x0, flow velocity or EDM's F). EDM's weight
 lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 needs no entry: it is 'uniform' under EDM's preconditioning.
 """
@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .parameterization import check_prediction_type, x0_error_scale
 from .registry import Registry
 from .utils import append_dims, check_options
+
+if TYPE_CHECKING:
+    from .objectives import Objective
 
 LOSS_WEIGHTINGS = Registry("loss weighting")
 
@@ -27,45 +30,30 @@ Weighting = Callable[..., Tensor]
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _x0_scale(prediction_type, snr: Tensor) -> Tensor:
-    """x0_error_scale of a prediction type name, or of an ``Objective`` (which knows its sigma_data)."""
-    if isinstance(prediction_type, str):
-        return x0_error_scale(prediction_type, snr)
-    return prediction_type.x0_error_scale(snr)
-
-
-def _name(prediction_type) -> str:
-    name = prediction_type if isinstance(prediction_type, str) else prediction_type.prediction_type
-    check_prediction_type(name)
-    return name
-
-
 @LOSS_WEIGHTINGS.register("uniform")
-def uniform(snr: Tensor, *, prediction_type) -> Tensor:
-    """Every timestep weighs 1: the 'simple' loss (Ho et al. 2020, eq. 14) in the chosen parameterization."""
-    _name(prediction_type)
+def uniform(snr: Tensor, *, objective: Objective) -> Tensor:
+    """Every timestep weighs 1: the 'simple' loss (Ho et al. 2020, eq. 14) in the chosen objective."""
     return torch.ones_like(snr, dtype=torch.float32)
 
 
 @LOSS_WEIGHTINGS.register("min_snr")
-def min_snr(snr: Tensor, *, prediction_type, gamma: float = 5.0) -> Tensor:
-    """Min-SNR-gamma (Hang et al. 2023): x0-loss weight min(snr, gamma), expressed for the prediction type.
+def min_snr(snr: Tensor, *, objective: Objective, gamma: float = 5.0) -> Tensor:
+    """Min-SNR-gamma (Hang et al. 2023): x0-loss weight min(snr, gamma), expressed for the objective.
 
     eps: min(snr, g) / snr; v: min(snr, g) / (snr + 1); x0: min(snr, g); flow, edm: likewise through
     x0_error_scale. At snr = 0 (zero terminal SNR) the eps weight takes its limit 1.
     """
-    _name(prediction_type)
     if gamma <= 0:
         raise ValueError(f"min_snr gamma must be > 0, got {gamma}")
     snr = snr.float().clamp(min=_TINY)
-    return snr.clamp(max=gamma) * _x0_scale(prediction_type, snr)
+    return snr.clamp(max=gamma) * objective.x0_error_scale(snr)
 
 
 def get_loss_weighting(name: str, **opts: float) -> Weighting:
-    """The registered weighting ``name`` with its options bound: call it as ``w(snr, prediction_type=...)``,
-    with a prediction type name or an ``Objective``."""
+    """The registered weighting ``name`` with its options bound: call it as ``w(snr, objective=...)``
+    with an ``Objective``."""
     fn = LOSS_WEIGHTINGS.get(name)
-    check_options(fn, opts, what=f"loss weighting {name!r}", skip=("prediction_type",))
+    check_options(fn, opts, what=f"loss weighting {name!r}", skip=("objective",))
     return functools.partial(fn, **opts)
 
 

@@ -1,10 +1,17 @@
-"""Objectives: how a net's raw output F is called, read as x0_hat and trained, for every prediction type.
+"""Objectives (eps, v, x0, flow velocity, EDM's F): what a net's raw output F means and how it is trained, by name.
 
-An ``Objective`` is a prediction type (eps, v, x0, flow velocity, or EDM's preconditioned F; the conversions
-live in ``parameterization.py``) plus how the net is called: eps / v / x0 / flow nets see x_t and the
-process's own noise level (integer index, 1000 t, ...), EDM's see c_in x_t and c_noise = ln(sigma) / 4 with
-sigma the k-diffusion sigma (Karras et al. 2022, Table 1; NVlabs/edm ``EDMPrecond``). ``training_loss`` is the
-one training step every diffusion system calls: draw t, noise, x_t; call the net; weighted MSE to the target.
+Notation: x_t = alpha_t x0 + sigma_t eps for any process (alpha_t, sigma_t floats or tensors broadcastable
+against x, e.g. from ``Process.alpha_sigma``), r = sqrt(alpha^2 + sigma^2) (1 for VP processes).
+- eps, x0: the noise or the clean sample (Ho et al. 2020).
+- v = (alpha eps - sigma x0) / r: the velocity of Salimans & Ho 2022 (sec. 4) in the normalised coordinates
+  x_t / r, so it is the familiar alpha eps - sigma x0 on every VP process and defined on every other one.
+- flow: u = eps - x0, the flow-matching velocity (Lipman et al. 2023; dx_t/dt for alpha = 1 - t, sigma = t).
+- edm: F of EDM's preconditioning (Karras et al. 2022, Table 1) in k-diffusion sigma s = sigma / alpha:
+  x0_hat = c_skip x_t / alpha + c_out F, c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), written
+  with alpha and sigma so that it stays finite where alpha = 0. Its net sees c_in x_t and c_noise = ln(s) / 4
+  (NVlabs/edm ``EDMPrecond``); the others see x_t and the process's own noise level (integer index, 1000 t, ...).
+Each objective is one registered class: ``denoised`` (F -> (x0_hat, eps_hat)), ``target`` ((x0, eps) -> F) and
+``x0_error_scale``. ``training_loss`` is the one training step every diffusion system calls.
 """
 
 from __future__ import annotations
@@ -12,42 +19,151 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .losses import diffusion_loss
-from .parameterization import check_prediction_type, from_x0_eps, to_x0_eps, x0_error_scale
 from .processes import ALPHA_FLOOR, Process
+from .registry import Registry
+from .utils import check_options
 
 Scalar = Tensor | float
+OBJECTIVES = Registry("objective")
+
+
+def _sqrt(x: Scalar) -> Scalar:
+    return x.sqrt() if isinstance(x, Tensor) else x**0.5
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A prediction type with its options; ``sigma_data`` is EDM's data standard deviation (edm only)."""
+    """What the net's raw output F means: subclasses define ``denoised``, ``target`` and ``x0_error_scale``."""
 
-    prediction_type: str = "eps"
-    sigma_data: float = 0.5
+    name: ClassVar[str]
+    preconditioned: ClassVar[bool] = False  # the net sees EDM's c_in x_t and c_noise
 
-    def __post_init__(self) -> None:
-        check_prediction_type(self.prediction_type)
-        if not self.sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
+    def denoised(self, out: Tensor, x_t: Tensor, alpha: Scalar, sigma: Scalar) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) from the net's raw output at x_t (DDIM eq. 9; v: Salimans & Ho eq. 9)."""
+        raise NotImplementedError
 
-    @property
-    def preconditioned(self) -> bool:
-        """Whether the net sees EDM's c_in x_t and c_noise instead of x_t and the process's noise level."""
-        return self.prediction_type == "edm"
+    def target(self, x0: Tensor, eps: Tensor, alpha: Scalar, sigma: Scalar) -> Tensor:
+        """What the raw output regresses to at x_t = alpha x0 + sigma eps."""
+        raise NotImplementedError
+
+    def x0_error_scale(self, snr: Tensor) -> Tensor:
+        """(d x0_hat / d F)^2 at snr = alpha^2 / sigma^2: a squared error in F times this is the squared error of
+        x0_hat, so loss weightings defined on x0 (min-SNR) weigh every objective alike."""
+        raise NotImplementedError
 
     def net_input(
         self, x_t: Tensor, t: Tensor, alpha: Scalar, sigma: Scalar, process: Process
     ) -> tuple[Tensor, Tensor]:
         """(x_in, noise_level) to call the net with at x_t, noise levels t (B,) and coefficients (alpha, sigma)."""
-        if not self.preconditioned:
-            return x_t, process.noise_level(t)
-        q = sigma * sigma + alpha * alpha * self.sigma_data**2  # alpha^2 (s^2 + sd^2)
+        return x_t, process.noise_level(t)
+
+
+def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    """Register an ``Objective`` subclass under ``name`` (its ``name`` attribute is set to it)."""
+
+    def deco(cls: type[Objective]) -> type[Objective]:
+        cls.name = name
+        return OBJECTIVES.register(name)(cls)
+
+    return deco
+
+
+@register_objective("eps")
+class Eps(Objective):
+    """eps prediction (Ho et al. 2020): the net predicts the noise; x0 error scale 1 / snr."""
+
+    def denoised(self, out, x_t, alpha, sigma):
+        return (x_t - sigma * out) / alpha, out
+
+    def target(self, x0, eps, alpha, sigma):
+        return eps
+
+    def x0_error_scale(self, snr):
+        return 1 / snr.float()
+
+
+@register_objective("x0")
+class X0(Objective):
+    """x0 prediction: the net predicts the clean sample; x0 error scale 1."""
+
+    def denoised(self, out, x_t, alpha, sigma):
+        return out, (x_t - alpha * out) / sigma
+
+    def target(self, x0, eps, alpha, sigma):
+        return x0
+
+    def x0_error_scale(self, snr):
+        return torch.ones_like(snr.float())
+
+
+@register_objective("v")
+class V(Objective):
+    """v prediction (Salimans & Ho 2022): v = (alpha eps - sigma x0) / r; x0 error scale 1 / (1 + snr)."""
+
+    def denoised(self, out, x_t, alpha, sigma):
+        r2 = alpha * alpha + sigma * sigma
+        r = _sqrt(r2)
+        return alpha / r2 * x_t - sigma / r * out, sigma / r2 * x_t + alpha / r * out
+
+    def target(self, x0, eps, alpha, sigma):
+        return (alpha * eps - sigma * x0) / _sqrt(alpha * alpha + sigma * sigma)
+
+    def x0_error_scale(self, snr):
+        return 1 / (1 + snr.float())
+
+
+@register_objective("flow")
+class Flow(Objective):
+    """Flow-matching velocity (Lipman et al. 2023): u = eps - x0; x0 error scale 1 / (1 + sqrt(snr))^2."""
+
+    def denoised(self, out, x_t, alpha, sigma):
+        x0 = (x_t - sigma * out) / (alpha + sigma)
+        return x0, x0 + out
+
+    def target(self, x0, eps, alpha, sigma):
+        return eps - x0
+
+    def x0_error_scale(self, snr):
+        return 1 / (1 + snr.float().sqrt()) ** 2
+
+
+@register_objective("edm")
+@dataclass(frozen=True, kw_only=True)
+class EDM(Objective):
+    """EDM's preconditioned F (Karras et al. 2022, Table 1); ``sigma_data`` is the data's standard deviation.
+
+    q = sigma^2 + alpha^2 sd^2 = alpha^2 (s^2 + sd^2) writes c_skip, c_out, c_in in (alpha, sigma) form."""
+
+    sigma_data: float = 0.5
+    preconditioned: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not self.sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
+
+    def _q(self, alpha: Scalar, sigma: Scalar) -> Scalar:
+        return sigma * sigma + alpha * alpha * self.sigma_data**2
+
+    def denoised(self, out, x_t, alpha, sigma):
+        sd, q = self.sigma_data, self._q(alpha, sigma)
+        x0 = (sd**2 * alpha) / q * x_t + sigma * sd / _sqrt(q) * out
+        return x0, (x_t - alpha * x0) / sigma
+
+    def target(self, x0, eps, alpha, sigma):  # (x0 - c_skip x_t / alpha) / c_out
+        sd = self.sigma_data
+        return (sigma * x0 - alpha * sd**2 * eps) / (sd * _sqrt(self._q(alpha, sigma)))
+
+    def x0_error_scale(self, snr):  # c_out^2
+        return self.sigma_data**2 / (1 + self.sigma_data**2 * snr.float())
+
+    def net_input(self, x_t, t, alpha, sigma, process):
+        q = self._q(alpha, sigma)  # alpha^2 (s^2 + sd^2)
         c_in_x = x_t * (q.rsqrt() if isinstance(q, Tensor) else 1 / math.sqrt(q))  # c_in * x_t / alpha
         return c_in_x, self.c_noise(alpha, sigma, len(x_t), x_t.device)
 
@@ -59,27 +175,22 @@ class Objective:
             return (s.log() / 4).float().to(device).expand(batch)
         return torch.full((batch,), math.log(sigma / max(alpha, ALPHA_FLOOR)) / 4, device=device)
 
-    def denoised(self, out: Tensor, x_t: Tensor, alpha: Scalar, sigma: Scalar) -> tuple[Tensor, Tensor]:
-        """(x0_hat, eps_hat) from the net's raw output at x_t."""
-        return to_x0_eps(self.prediction_type, out, x_t, alpha, sigma, sigma_data=self.sigma_data)
 
-    def target(self, x0: Tensor, eps: Tensor, alpha: Scalar, sigma: Scalar) -> Tensor:
-        """What the raw output regresses to at x_t = alpha x0 + sigma eps."""
-        return from_x0_eps(self.prediction_type, x0, eps, alpha, sigma, sigma_data=self.sigma_data)
-
-    def x0_error_scale(self, snr: Tensor) -> Tensor:
-        """(d x0_hat / d F)^2 at these SNRs: converts x0-space loss weights into this objective's."""
-        return x0_error_scale(self.prediction_type, snr, sigma_data=self.sigma_data)
+def get_objective(name: str | Objective = "eps", **opts: Any) -> Objective:
+    """The registered objective ``name`` with its options (``sigma_data`` for edm); an ``Objective`` as is."""
+    if isinstance(name, Objective):
+        return name
+    cls = OBJECTIVES.get(name)
+    check_options(cls, opts, what=f"objective {name!r}")
+    return cls(**opts)
 
 
-def get_objective(prediction_type: str | Objective = "eps", **opts: Any) -> Objective:
-    """An ``Objective`` from a prediction type name and its options (``sigma_data`` for edm)."""
-    if isinstance(prediction_type, Objective):
-        return prediction_type
-    unknown = sorted(set(opts) - {"sigma_data"})
-    if unknown:
-        raise TypeError(f"unknown objective option(s) {', '.join(unknown)}; valid options: sigma_data")
-    return Objective(prediction_type=prediction_type, **opts)
+def convert(
+    model_output: Tensor, x_t: Tensor, alpha_t: Scalar, sigma_t: Scalar, *, source: str, target: str
+) -> Tensor:
+    """Re-express a raw output of objective ``source`` as one of objective ``target`` (e.g. v -> eps)."""
+    x0, eps = get_objective(source).denoised(model_output, x_t, alpha_t, sigma_t)
+    return get_objective(target).target(x0, eps, alpha_t, sigma_t)
 
 
 def training_loss(
@@ -103,4 +214,4 @@ def training_loss(
     x_in, level = objective.net_input(x_t, t, alpha, sigma, process)
     out = net(x_in.contiguous(memory_format=memory_format), level, **(cond or {}))
     target = objective.target(x0, noise, alpha, sigma)
-    return diffusion_loss(out, target, weighting(process.snr(t), prediction_type=objective))
+    return diffusion_loss(out, target, weighting(process.snr(t), objective=objective))

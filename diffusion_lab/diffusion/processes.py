@@ -35,8 +35,8 @@ def _float(t: Tensor) -> Tensor:
 
 def shift_time(u: Tensor, shift: float) -> Tensor:
     """SD3's resolution shift of unit time (Esser et al. 2024, eq. 23): u' = s u / (1 + (s - 1) u)."""
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    if isinstance(shift, (bool, str)) or not shift > 0:
+        raise ValueError(f"shift must be a number > 0, got {shift!r}")
     return u if shift == 1.0 else shift * u / (1 + (shift - 1) * u)
 
 
@@ -213,25 +213,10 @@ def rectified_flow(*, shift: float = 1.0, num_timesteps: int = 1000, time_scale:
     return FlowProcess(shift=shift, num_timesteps=num_timesteps, time_scale=time_scale)
 
 
-def process_names() -> list[str]:
-    """Every process name: the discrete VP schedules (``schedules.SCHEDULES``) and the registered processes."""
-    from .schedules import SCHEDULES
-
-    return sorted({*SCHEDULES, *PROCESSES})
-
-
 def get_process(name: str, **opts: Any) -> Process:
-    """Build the process ``name``: a discrete VP schedule (linear, cosine, ...; ``get_schedule``), ve (EDM's
-    variance-exploding process) or rectified_flow.
-
-    VP schedules take ``num_timesteps``, ``rescale_zero_terminal_snr`` and their beta options.
-    """
-    from .schedules import SCHEDULES, get_schedule
-
-    if name in SCHEDULES:
-        return get_schedule(name, **opts)
-    if name not in PROCESSES:
-        raise ValueError(f"unknown noise process {name!r}; valid choices: {', '.join(process_names())}")
+    """Build the registered process ``name``: a discrete VP process from its beta schedule (linear, cosine, ...;
+    options ``num_timesteps``, ``rescale_zero_terminal_snr`` and the betas'), ve (EDM's variance-exploding
+    process) or rectified_flow."""
     fn = PROCESSES.get(name)
     check_options(fn, opts, what=f"noise process {name!r}")
     return fn(**opts)

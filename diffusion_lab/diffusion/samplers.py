@@ -1,9 +1,9 @@
 """Samplers (DDPM, DDIM, Euler, Heun, EDM, DPM-Solver++, UniPC, flow Euler / Heun): pure functions over a grid.
 
 Public use: ``sampler = get_sampler(name, steps=20, grid=None, **opts)``, then
-``x0 = sampler(model, x_T, process, prediction_type=..., cond=..., uncond=..., guidance_scale=..., generator=...,
-callback=..., progress=...)``; x_T ~ N(0, I), the result is float32. ``process`` is any noise process (a
-discrete VP schedule, edm, flow) and ``prediction_type`` a prediction type name or an ``Objective``.
+``x0 = sampler(model, x_T, process, objective=..., cond=..., uncond=..., guidance=Guidance(...), clip_x0=...,
+generator=..., callback=..., progress=...)``; x_T ~ N(0, I), the result is float32. ``process`` is any noise
+process (a discrete VP schedule, ve, rectified_flow) and ``objective`` an objective name or an ``Objective``.
 
 Each registered function is ``fn(denoise, x_T, grid, *, <its options>) -> x``: it starts from
 ``grid.start(x_T, space)`` and returns the process-scale x at the grid's end (x0 for the clean end); ``denoise``
@@ -17,9 +17,11 @@ Adding a sampler is one decorated function here (its keyword-only arguments are 
 
 The grid: ``grid=`` names one (``grids.py``: karras, uniform, exponential, leading, trailing, linspace) with its
 options as a dict (``grid={"name": "karras", "rho": 7}``); by default the process's own (edm: karras, flow:
-uniform) or, on the discrete VP schedules, the sampler's diffusers ``spacing`` in the flavour of the diffusers
-scheduler it matches. Each sampler matches the diffusers scheduler named in its docstring to ~1e-5
-(tests/test_samplers.py, tests/test_formulations.py), except:
+uniform) or, on the discrete VP schedules, the sampler's diffusers spacing (leading / trailing / linspace) in the
+flavour of the diffusers scheduler it matches; where a grid starts is the grid's (``grids.py``), not the sampler's.
+Each sampler matches the diffusers scheduler named in its docstring to ~1e-5 (tests/test_samplers.py,
+tests/test_formulations.py; started where the grid starts), and euler / heun / dpmpp_2m on the Karras grid match
+k-diffusion to ~1e-6 (tests/test_k_diffusion.py), except:
 - ddim steps to the next listed timestep; diffusers uses t - T // steps, which differs for trailing / linspace
   spacing when steps does not divide T (there diffusers' last step does not land on x0_hat).
 - trailing timesteps are computed exactly; diffusers' float arange can emit steps + 1 of them, ending at -1.
@@ -39,40 +41,44 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .grids import GRIDS, SPACINGS, Grid, make_grid
-from .guidance import Callback, Denoiser, Model, check_guidance
+from .grids import GRIDS, Grid, make_grid
+from .guidance import Callback, Denoiser, Guidance, Model
 from .objectives import Objective, get_objective
 from .processes import Process
 from .registry import Registry
 from .utils import check_options, keyword_options
 
 SAMPLERS = Registry("sampler")
-_SHARED_OPTIONS = ("clip_x0", "grid")  # options every sampler takes (the Denoiser's, the grid's)
+_SHARED_OPTIONS = ("grid",)  # options every sampler takes
+_GONE = {  # former options, and what to use now
+    "spacing": "the grid option, e.g. grid='trailing'",
+    "clip_x0": "a call argument, sampler(..., clip_x0=True), that systems set from their data space",
+}
 
 
 @dataclass(frozen=True)
 class _Spec:
     fn: Callable[..., Tensor]
     nfe: Callable[[int], int]
-    spacing: str  # the diffusers spacing it defaults to on discrete schedules
+    discrete_grid: str  # its grid on discrete processes: a diffusers spacing (grids.SPACINGS)
     flavour: str  # how diffusers' scheduler it matches lays out that spacing (grids.FLAVOURS)
     grid: str | None  # a grid of its own (edm: karras) instead of the process's default
-    grid_options: tuple[str, ...]  # flat options that shape the diffusers grid (spacing, set_alpha_to_one)
+    grid_options: tuple[str, ...]  # flat options that shape the grid (set_alpha_to_one)
 
 
 def register_sampler(
     name: str,
     *,
     nfe: Callable[[int], int] = lambda steps: steps,
-    spacing: str = "linspace",
+    discrete_grid: str = "linspace",
     flavour: str = "euler",
     grid: str | None = None,
-    grid_options: Sequence[str] = ("spacing",),
+    grid_options: Sequence[str] = (),
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a sampler function under ``name``; ``nfe(steps)`` is its number of network evaluations."""
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        SAMPLERS.register(name)(_Spec(fn, nfe, spacing, flavour, grid, tuple(grid_options)))
+        SAMPLERS.register(name)(_Spec(fn, nfe, discrete_grid, flavour, grid, tuple(grid_options)))
         return fn
 
     return deco
@@ -91,7 +97,7 @@ def _ddim_step(x0: Tensor, eps: Tensor, grid: Grid, i: int, eta: float) -> tuple
     return alpha_next * x0 + max(sigma_next**2 - std**2, 0.0) ** 0.5 * eps, std
 
 
-@register_sampler("ddpm", spacing="leading", flavour="ddim")
+@register_sampler("ddpm", discrete_grid="leading", flavour="ddim")
 def ddpm(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): the posterior q(x_t' | x_t, x0_hat) with variance
     beta-tilde (= DDIM with eta = 1), skipped steps as diffusers' DDPMScheduler, no noise on the last step."""
@@ -105,7 +111,7 @@ def ddpm(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     return x
 
 
-@register_sampler("ddim", spacing="leading", flavour="ddim", grid_options=("spacing", "set_alpha_to_one"))
+@register_sampler("ddim", discrete_grid="leading", flavour="ddim", grid_options=("set_alpha_to_one",))
 def ddim(denoise: Denoiser, x: Tensor, grid: Grid, *, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): eta = 0 deterministic, eta = 1 ancestral; as diffusers' DDIMScheduler."""
     x = grid.start(x)
@@ -327,7 +333,7 @@ def _tau(grid: Grid, i: int) -> float:
     return grid.sigma[i] / (grid.alpha[i] + grid.sigma[i])
 
 
-@register_sampler("flow_euler", spacing="trailing", flavour="ddim")
+@register_sampler("flow_euler", discrete_grid="trailing", flavour="ddim")
 def flow_euler(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """Euler on the flow ODE dy/dtau = u (Liu et al. 2023; Lipman et al. 2023); as diffusers'
     FlowMatchEulerDiscreteScheduler on the flow process."""
@@ -339,7 +345,7 @@ def flow_euler(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     return y * (grid.alpha[-1] + grid.sigma[-1])
 
 
-@register_sampler("flow_heun", nfe=lambda steps: 2 * steps - 1, spacing="trailing", flavour="ddim")
+@register_sampler("flow_heun", nfe=lambda steps: 2 * steps - 1, discrete_grid="trailing", flavour="ddim")
 def flow_heun(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """Heun on the flow ODE dy/dtau = u, Euler on the last step to tau = 0 (SiT, Ma et al. 2024); as diffusers'
     FlowMatchHeunDiscreteScheduler on the flow process."""
@@ -377,6 +383,8 @@ class Sampler:
     opts: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key in set(_GONE) & set(self.opts):
+            raise TypeError(f"{key} is no longer a sampler option: it is {_GONE[key]}")
         valid = sampler_options(self.name)  # also rejects unknown names, listing the choices
         unknown = sorted(set(self.opts) - set(valid))
         if unknown:
@@ -385,10 +393,6 @@ class Sampler:
             )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if "spacing" in self.opts and self.opts["spacing"] not in SPACINGS:
-            raise ValueError(
-                f"unknown timestep spacing {self.opts['spacing']!r}; valid choices: {', '.join(SPACINGS)}"
-            )
         if "eta" in self.opts and not self.opts["eta"] >= 0:
             raise ValueError(f"eta must be >= 0, got {self.opts['eta']}")
         name, grid_opts = _grid_spec(self.opts.get("grid"))
@@ -401,28 +405,13 @@ class Sampler:
         return SAMPLERS.get(self.name).nfe(self.steps)
 
     def grid(self, process: Process) -> Grid:
-        """The noise levels this sampler visits on ``process``."""
+        """The noise levels this sampler visits on ``process``: the ``grid`` option, else the sampler's own (edm:
+        karras), else the process's default (discrete processes: the sampler's diffusers spacing)."""
         spec = SAMPLERS.get(self.name)
         name, grid_opts = _grid_spec(self.opts.get("grid"))
-        spacing = self.opts.get("spacing", spec.spacing)
-        if name is None:
-            name = spec.grid or process.default_grid or spacing
-        euler_quirk = spec.flavour == "euler" and name in (
-            "linspace",
-            "trailing",
-        )  # diffusers' init_noise_sigma
+        name = name or spec.grid or process.default_grid or spec.discrete_grid
         end = "clean" if self.opts.get("set_alpha_to_one", True) else "t_min"
-        prior = "sigma" if euler_quirk or (spec.grid == "karras" and name == "karras") else "unit"
-        return make_grid(
-            process,
-            self.steps,
-            name,
-            flavour=spec.flavour,
-            spacing=spacing,
-            end=end,
-            prior=prior,
-            **grid_opts,
-        )
+        return make_grid(process, self.steps, name, flavour=spec.flavour, end=end, **grid_opts)
 
     def __call__(
         self,
@@ -430,37 +419,32 @@ class Sampler:
         x_T: Tensor,
         process: Process,
         *,
-        prediction_type: str | Objective = "eps",
+        objective: str | Objective = "eps",
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
-        guidance_scale: float = 1.0,
-        guidance_rescale: float = 0.0,
-        guidance_interval: Sequence[float] | None = None,
-        guide: Model | None = None,
+        guidance: Guidance | None = None,
+        clip_x0: bool = False,
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """Denoise x_T ~ N(0, I) into x0 (float32). ``callback(i, x_t, x0_hat)`` runs after each step."""
+        """Denoise x_T ~ N(0, I) into x0 (float32). ``clip_x0``: clip x0_hat to [-1, 1] (pixel data);
+        ``callback(i, x_t, x0_hat)`` runs after each step."""
         if process.discrete and self.steps > process.num_timesteps:
             raise ValueError(
                 f"steps={self.steps} exceeds the schedule's num_timesteps={process.num_timesteps}"
             )
-        check_guidance(guidance_scale, guidance_rescale, guidance_interval)
         if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
             raise TypeError("x_T must be a floating-point tensor of shape (B, ...)")
         opts = {k: v for k, v in self.opts.items() if k not in (*_SHARED_OPTIONS, *self._grid_options)}
         denoise = Denoiser(
             model,
             process=process,
-            objective=get_objective(prediction_type),
+            objective=get_objective(objective),
             cond=cond,
             uncond=uncond,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            guidance_interval=guidance_interval,
-            guide=guide,
-            clip_x0=self.opts.get("clip_x0", False),
+            guidance=guidance,
+            clip_x0=clip_x0,
             generator=generator,
             callback=callback,
             progress=progress,
@@ -485,6 +469,5 @@ def sampler_options(name: str) -> list[str]:
 def get_sampler(name: str, *, steps: int = 50, **opts: Any) -> Sampler:
     """The registered sampler ``name`` with ``steps`` steps; unknown names or options fail listing the choices.
 
-    ``grid``: a grid name or {name: ..., <options>} (``grids.py``); ``spacing``: the diffusers spacing on the
-    discrete VP schedules; ``clip_x0``: clip x0_hat to [-1, 1] (pixel data)."""
+    ``grid``: a grid name or {name: ..., <options>} (``grids.py``; on discrete processes e.g. 'trailing')."""
     return Sampler(name=name, steps=steps, opts=opts)

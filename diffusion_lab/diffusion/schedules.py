@@ -1,38 +1,64 @@
-"""Discrete VP noise processes: beta / alpha-bar schedules (linear, scaled_linear, cosine, sigmoid), by name."""
+"""Discrete VP noise processes from beta schedules (linear, scaled_linear, cosine, sigmoid), registered as processes."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .processes import ALPHA_FLOOR, Process
+from .grids import SPACINGS
+from .processes import ALPHA_FLOOR, PROCESSES, Process
 from .registry import Registry
 from .utils import append_dims, check_options
 
-SCHEDULES = Registry("noise schedule")
-SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = Registry("beta schedule")
 
 # alpha-bar used in sigma space where the true alpha-bar is 0 (zero terminal SNR), as diffusers does.
 ZERO_SNR_ALPHA_BAR = ALPHA_FLOOR**2
 
 
-@SCHEDULES.register("linear")
+def register_betas(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register a beta schedule ``fn(num_timesteps, *, <options>) -> betas`` and the process ``name`` built from it."""
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        BETA_SCHEDULES.register(name)(fn)
+
+        def build(**opts: Any) -> DiscreteProcess:
+            return discrete_process(name, **opts)
+
+        kw = inspect.Parameter.KEYWORD_ONLY
+        own = [
+            inspect.Parameter(k, kw, default=v)
+            for k, v in (("num_timesteps", 1000), ("rescale_zero_terminal_snr", False))
+        ]
+        betas = [p for p in inspect.signature(fn).parameters.values() if p.kind is kw]
+        build.__signature__ = inspect.Signature([*betas, *own])  # the options get_process checks
+        build.__doc__ = fn.__doc__
+        PROCESSES.register(name)(build)
+        return fn
+
+    return deco
+
+
+@register_betas("linear")
 def linear(num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Linear betas (Ho et al. 2020, DDPM)."""
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
 
-@SCHEDULES.register("scaled_linear")
+@register_betas("scaled_linear")
 def scaled_linear(num_timesteps: int, *, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
     """Betas linear in sqrt space (Rombach et al. 2022, Stable Diffusion; diffusers 'scaled_linear')."""
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
-@SCHEDULES.register("cosine")
+@register_betas("cosine")
 def cosine(num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """Cosine alpha-bar (Nichol & Dhariwal 2021, eq. 17), betas clipped at max_beta (diffusers 'squaredcos_cap_v2')."""
     t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
@@ -40,7 +66,7 @@ def cosine(num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999) -> 
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
-@SCHEDULES.register("sigmoid")
+@register_betas("sigmoid")
 def sigmoid(num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Sigmoid betas over [-6, 6] (Xu et al. 2022, GeoDiff; diffusers 'sigmoid')."""
     x = torch.linspace(-6, 6, num_timesteps, dtype=torch.float64)
@@ -57,13 +83,7 @@ def rescale_to_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
-def check_spacing(spacing: str) -> None:
-    """Raise a ValueError listing the valid timestep spacings if ``spacing`` is not one of them."""
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; valid choices: {', '.join(SPACINGS)}")
-
-
-class NoiseSchedule(Process):
+class DiscreteProcess(Process):
     """A discrete VP noise process: q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), t = 0..T-1.
 
     Tables are float64 on the CPU; ``table(...)`` casts and moves them on demand (cached per device/dtype).
@@ -95,7 +115,7 @@ class NoiseSchedule(Process):
 
     def __repr__(self) -> str:
         ab = self.alphas_cumprod
-        return f"NoiseSchedule(name={self.name!r}, num_timesteps={self.num_timesteps}, ab=[{ab[0]:.4g} .. {ab[-1]:.4g}])"
+        return f"DiscreteProcess(name={self.name!r}, num_timesteps={self.num_timesteps}, ab=[{ab[0]:.4g} .. {ab[-1]:.4g}])"
 
     def table(self, name: str, *, device: torch.device | str, dtype: torch.dtype) -> Tensor:
         """The attribute ``name`` (e.g. 'sqrt_alphas_cumprod') cast to ``dtype`` on ``device``, cached."""
@@ -167,7 +187,8 @@ class NoiseSchedule(Process):
         T = self.num_timesteps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"steps must be an integer in 1..{T} (num_timesteps), got {steps!r}")
-        check_spacing(spacing)
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; valid choices: {', '.join(SPACINGS)}")
         if spacing == "leading":
             ts = (np.arange(0, steps) * (T // steps))[::-1].astype(np.float64)
         elif spacing == "trailing":
@@ -183,20 +204,20 @@ class NoiseSchedule(Process):
         return ts.long() if rounded else ts
 
 
-def get_schedule(
-    name: str, num_timesteps: int = 1000, *, rescale_zero_terminal_snr: bool = False, **opts: float
-) -> NoiseSchedule:
-    """Build the registered schedule ``name`` with ``num_timesteps`` steps.
+def discrete_process(
+    name: str, *, num_timesteps: int = 1000, rescale_zero_terminal_snr: bool = False, **opts: float
+) -> DiscreteProcess:
+    """The discrete VP process of beta schedule ``name`` with ``num_timesteps`` steps (``get_process`` calls it).
 
     rescale_zero_terminal_snr: rescale to zero terminal SNR (Lin et al. 2023); use v or x0 prediction with it.
     """
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
-    fn = SCHEDULES.get(name)
-    check_options(fn, opts, what=f"noise schedule {name!r}")
+    fn = BETA_SCHEDULES.get(name)
+    check_options(fn, opts, what=f"beta schedule {name!r}")
     betas = fn(num_timesteps, **opts)
     if rescale_zero_terminal_snr:
         if num_timesteps < 2:
             raise ValueError("rescale_zero_terminal_snr needs num_timesteps >= 2")
         betas = rescale_to_zero_terminal_snr(betas)
-    return NoiseSchedule(name=name, betas=betas)
+    return DiscreteProcess(name=name, betas=betas)

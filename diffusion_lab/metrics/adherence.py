@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from diffusion_lab.data.captions import SHAPES_VOCABULARY, compose_caption
-from diffusion_lab.data.shapes import ATTRIBUTES, detect_shapes, random_attributes
+from diffusion_lab.data.phrases import compose_caption
+from diffusion_lab.data.shapes import ATTRIBUTES, SHAPES_VOCABULARY, detect_shapes, random_attributes
 from diffusion_lab.generate import generate_all
 
 

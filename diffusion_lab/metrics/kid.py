@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -51,3 +53,30 @@ def kernel_inception_distance(
             )
         )
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def kid_resampled(
+    real: np.ndarray,
+    fake: np.ndarray,
+    *,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef: float = 1.0,
+    seed: int = 0,
+) -> Callable[[np.ndarray], float]:
+    """Unbiased MMD^2 of `fake[indices]` against one seeded real subset of min(subset_size, N) points, from kernel
+    matrices computed once (the fake-fake one is (M, M): keep M to a few thousand); for the bootstrap."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    x = real[np.random.default_rng(seed).choice(len(real), min(subset_size, len(real)), replace=False)]
+    kw = dict(degree=degree, gamma=gamma, coef=coef)
+    k_xx = polynomial_kernel(x, x, **kw)
+    xx = (k_xx.sum() - np.trace(k_xx)) / (len(x) * (len(x) - 1))
+    k_yy, k_xy = polynomial_kernel(fake, fake, **kw), polynomial_kernel(x, fake, **kw)
+
+    def kid(idx: np.ndarray) -> float:
+        n = len(idx)
+        yy = (k_yy[np.ix_(idx, idx)].sum() - k_yy[idx, idx].sum()) / (n * (n - 1))
+        return float(xx + yy - 2 * k_xy[:, idx].mean())
+
+    return kid

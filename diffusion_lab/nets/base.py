@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
+
+from diffusion_lab.nets.layers import timestep_embedding
 
 NET_ATTRIBUTES = ("in_channels", "out_channels", "num_classes", "context_dim", "input_multiple")
 
@@ -67,3 +70,30 @@ def class_ids(
     if class_labels is None:  # unconditional call of a class-conditional net: the null class
         return torch.full((x.shape[0],), net.num_classes, device=x.device, dtype=torch.long)
     return class_labels
+
+
+def condition_layers(
+    frequency_dim: int, dim: int, num_classes: int | None
+) -> tuple[nn.Module, nn.Module | None]:
+    """(time_mlp, class_emb): the MLP of the sinusoidal noise-level embedding (frequency_dim -> dim) and the class
+    table with the null class (None for an unconditional net)."""
+    time_mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+    return time_mlp, (nn.Embedding(num_classes + 1, dim) if num_classes is not None else None)
+
+
+def embed_condition(
+    net: nn.Module,
+    x: torch.Tensor,
+    noise_level: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    context: torch.Tensor | None,
+    *,
+    frequency_dim: int,
+) -> torch.Tensor:
+    """The conditioning prologue of UNet and DiT: net.time_mlp(sinusoidal(noise_level)) plus net.class_emb of the
+    class ids (``class_ids``: the null class when none is given), (B, dim); a 0-d noise level is broadcast."""
+    if noise_level.ndim == 0:
+        noise_level = noise_level.expand(x.shape[0])
+    emb = net.time_mlp(timestep_embedding(noise_level, frequency_dim))  # (B, dim)
+    labels = class_ids(net, class_labels, context, x)  # (B,) or None
+    return emb if labels is None else emb + net.class_emb(labels)

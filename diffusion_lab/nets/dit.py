@@ -6,8 +6,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from diffusion_lab.nets.base import class_ids
-from diffusion_lab.nets.layers import Attention, timestep_embedding, zero_init
+from diffusion_lab.nets.base import condition_layers, embed_condition
+from diffusion_lab.nets.layers import Attention, zero_init
 
 
 def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
@@ -133,10 +133,7 @@ class DiT(nn.Module):
         self.hidden_size = hidden_size
         self.frequency_dim = frequency_dim
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.time_mlp = nn.Sequential(
-            nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-        self.class_emb = nn.Embedding(num_classes + 1, hidden_size) if num_classes is not None else None
+        self.time_mlp, self.class_emb = condition_layers(frequency_dim, hidden_size, num_classes)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, context_dim=context_dim)
             for _ in range(depth)
@@ -167,16 +164,6 @@ class DiT(nn.Module):
         zero_init(self.final.modulation[-1])
         zero_init(self.final.linear)
 
-    def condition(
-        self, noise_level: torch.Tensor, class_labels: torch.Tensor | None, context, x: torch.Tensor
-    ) -> torch.Tensor:
-        """c = MLP(sinusoidal(noise_level)) + class embedding (the null class when none is given): (B, D)."""
-        if noise_level.ndim == 0:
-            noise_level = noise_level.expand(x.shape[0])
-        c = self.time_mlp(timestep_embedding(noise_level, self.frequency_dim))  # (B, D)
-        labels = class_ids(self, class_labels, context, x)
-        return c if labels is None else c + self.class_emb(labels)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -191,7 +178,9 @@ class DiT(nn.Module):
         if height % p or width % p:
             raise ValueError(f"DiT with patch_size {p} needs H and W multiples of {p}, got {height}x{width}")
         h, w = height // p, width // p
-        c = self.condition(noise_level, class_labels, context, x)  # (B, D)
+        c = embed_condition(
+            self, x, noise_level, class_labels, context, frequency_dim=self.frequency_dim
+        )  # (B, D)
         tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # (B, N, D), N = h w
         tokens = tokens + sincos_2d(h, w, self.hidden_size).to(device=x.device, dtype=tokens.dtype)
         for block in self.blocks:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.nets.base import class_ids
-from diffusion_lab.nets.layers import (
-    AttentionBlock,
-    Downsample,
-    ResBlock,
-    Upsample,
-    group_norm,
-    timestep_embedding,
-    zero_init,
-)
+from diffusion_lab.nets.base import condition_layers, embed_condition
+from diffusion_lab.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, zero_init
 
 
 class UNetBlock(nn.Module):
@@ -31,6 +24,37 @@ class UNetBlock(nn.Module):
     def forward(self, x, emb, context=None, context_mask=None):
         x = self.res(x, emb)
         return self.attn(x, context, context_mask) if self.attn is not None else x
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Builds a UNet's blocks with its shared settings: a ResBlock, with attention where the levels ask for it."""
+
+    res_kw: dict  # ResBlock's emb_dim, dropout, scale_shift, norm_groups
+    num_heads: int
+    attention_levels: tuple[int, ...]
+    cross_levels: tuple[int, ...]
+    context_dim: int | None
+
+    def __call__(self, cin: int, cout: int, level: int | None = None, *, attention: bool = True) -> UNetBlock:
+        """A block cin -> cout at ``level`` (None: the middle, which always has attention unless told not)."""
+        res = ResBlock(cin, cout, **self.res_kw)
+        self_attn = level is None or level in self.attention_levels
+        cross = self.context_dim is not None and (level is None or level in self.cross_levels)
+        if not attention or not (self_attn or cross):
+            return UNetBlock(res)
+        context_dim, groups = (self.context_dim if cross else None), self.res_kw["norm_groups"]
+        kw = dict(
+            num_heads=self.num_heads, context_dim=context_dim, norm_groups=groups, self_attention=self_attn
+        )
+        return UNetBlock(res, AttentionBlock(cout, **kw))
+
+
+def _check_levels(channel_mult: tuple[int, ...], **levels: tuple[int, ...]) -> None:
+    for name, values in levels.items():
+        bad = [lvl for lvl in values if not 0 <= lvl < len(channel_mult)]
+        if bad:
+            raise ValueError(f"{name} {bad} out of range for {len(channel_mult)} levels")
 
 
 class UNet(nn.Module):
@@ -61,16 +85,9 @@ class UNet(nn.Module):
         norm_groups: int = 32,
     ) -> None:
         super().__init__()
-        channel_mult = tuple(channel_mult)
-        attention_levels = tuple(attention_levels)
+        channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
         cross_levels = attention_levels if cross_attention_levels is None else tuple(cross_attention_levels)
-        for name, levels in (
-            ("attention_levels", attention_levels),
-            ("cross_attention_levels", cross_levels),
-        ):
-            bad = [lvl for lvl in levels if not 0 <= lvl < len(channel_mult)]
-            if bad:
-                raise ValueError(f"{name} {bad} out of range for {len(channel_mult)} levels")
+        _check_levels(channel_mult, attention_levels=attention_levels, cross_attention_levels=cross_levels)
         self.init_kwargs = dict(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -93,60 +110,46 @@ class UNet(nn.Module):
         self.base_channels = base_channels
         self.input_multiple = 2 ** (len(channel_mult) - 1)  # H, W are halved once per level below the first
         emb_dim = 4 * base_channels
-
-        def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(
-                cin, cout, emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, norm_groups=norm_groups
-            )
-
-        def attn(ch: int, level: int | None = None) -> AttentionBlock | None:
-            """Attention at a level (None = the middle): self and/or cross as configured, or None."""
-            self_attn = level is None or level in attention_levels
-            cross = context_dim is not None and (level is None or level in cross_levels)
-            if not (self_attn or cross):
-                return None
-            return AttentionBlock(
-                ch,
-                num_heads=num_heads,
-                context_dim=context_dim if cross else None,
-                norm_groups=norm_groups,
-                self_attention=self_attn,
-            )
-
-        self.time_mlp = nn.Sequential(
-            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
-        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift, norm_groups=norm_groups)
+        block = _Blocks(res_kw, num_heads, attention_levels, cross_levels, context_dim)
+        self.time_mlp, self.class_emb = condition_layers(base_channels, emb_dim, num_classes)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down, skip_channels = self._build_down(block, channel_mult, num_res_blocks)
+        ch = skip_channels[-1]
+        self.mid = nn.ModuleList([block(ch, ch), block(ch, ch, attention=False)])
+        self.up = self._build_up(block, channel_mult, num_res_blocks, skip_channels)
+        self.norm_out = group_norm(base_channels * channel_mult[0], norm_groups)
+        self.conv_out = nn.Conv2d(base_channels * channel_mult[0], self.out_channels, 3, padding=1)
+        self.init_weights()
 
-        self.down = nn.ModuleList()
-        skip_channels = [base_channels]
-        ch = base_channels
+    def _build_down(
+        self, block: _Blocks, channel_mult: tuple[int, ...], num_res_blocks: int
+    ) -> tuple[nn.ModuleList, list[int]]:
+        """The encoder (blocks, a Downsample between levels) and the channels of each skip connection."""
+        down, ch = nn.ModuleList(), self.base_channels
+        skip_channels = [ch]
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                cout = base_channels * mult
-                self.down.append(UNetBlock(res(ch, cout), attn(cout, level)))
-                ch = cout
+                down.append(block(ch, self.base_channels * mult, level))
+                ch = self.base_channels * mult
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(Downsample(ch))
+                down.append(Downsample(ch))
                 skip_channels.append(ch)
+        return down, skip_channels
 
-        self.mid = nn.ModuleList([UNetBlock(res(ch, ch), attn(ch)), UNetBlock(res(ch, ch))])
-
-        self.up = nn.ModuleList()
+    def _build_up(
+        self, block: _Blocks, channel_mult: tuple[int, ...], num_res_blocks: int, skip_channels: list[int]
+    ) -> nn.ModuleList:
+        """The decoder: num_res_blocks + 1 blocks per level, each taking a skip connection; Upsample between."""
+        up, skip_channels, ch = nn.ModuleList(), list(skip_channels), skip_channels[-1]
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
-                cout = base_channels * mult
-                cin = ch + skip_channels.pop()
-                self.up.append(UNetBlock(res(cin, cout), attn(cout, level)))
-                ch = cout
+                up.append(block(ch + skip_channels.pop(), self.base_channels * mult, level))
+                ch = self.base_channels * mult
             if level != 0:
-                self.up.append(Upsample(ch))
-
-        self.norm_out = group_norm(ch, norm_groups)
-        self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
-        self.init_weights()
+                up.append(Upsample(ch))
+        return up
 
     def init_weights(self) -> None:
         """Zero the output conv (the net starts by predicting 0); small normal class embeddings."""
@@ -163,12 +166,9 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if noise_level.ndim == 0:
-            noise_level = noise_level.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(noise_level, self.base_channels))  # (B, E)
-        labels = class_ids(self, class_labels, context, x)  # (B,) or None; the null class when not given
-        if labels is not None:
-            emb = emb + self.class_emb(labels)
+        emb = embed_condition(
+            self, x, noise_level, class_labels, context, frequency_dim=self.base_channels
+        )  # (B, E)
 
         h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
 from diffusion_lab.diffusion import (
+    Guidance,
     Process,
     get_loss_weighting,
     get_noise_levels,
     get_objective,
     training_loss,
 )
-from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.diffusion.utils import randn_like
 from diffusion_lab.nets.base import DenoisingNet, check_denoising_net
 from diffusion_lab.systems.optim import build_optimizers
-
-log = logging.getLogger(__name__)
-CLIP_RULE = "the system's data space decides (pixels in [-1, 1] are clipped, latents are not)"
 
 
 class DiffusionSystem(L.LightningModule):
@@ -32,8 +26,7 @@ class DiffusionSystem(L.LightningModule):
     VP schedules, EDM / VE, rectified flow), an objective (eps / v / x0 / flow velocity / EDM preconditioning), a
     training noise-level distribution and a loss weighting, with per-sample CFG condition dropout.
 
-    `process` (legacy name: `schedule`, as in checkpoints written before the continuous-time core) and
-    `prediction_type` + `objective_opts` (e.g. {sigma_data: 0.5} for edm) choose the formulation;
+    `process` and `objective` + `objective_opts` (e.g. {sigma_data: 0.5} for edm) choose the formulation;
     `noise_levels` (+ opts) draws training t (uniform, log_normal, logit_normal). `encode` / `decode` map
     images to the diffusion space and back (identity here; the latent system overrides them).
     Conditioning: `condition(labels=, prompts=)` (a batch's `label` -> `class_labels`). `clip_x0`: sampling
@@ -44,11 +37,10 @@ class DiffusionSystem(L.LightningModule):
         self,
         *,
         net: DenoisingNet,
-        process: Process | None = None,
-        schedule: Process | None = None,
+        process: Process,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
-        prediction_type: str = "eps",
+        objective: str = "eps",
         objective_opts: dict[str, float] | None = None,
         noise_levels: str = "uniform",
         noise_levels_opts: dict[str, float] | None = None,
@@ -61,28 +53,23 @@ class DiffusionSystem(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if (process is None) == (schedule is None):
-            raise ValueError(
-                "give the noise process as `process` (or, as older configs do, `schedule`), once"
-            )
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-        self.save_hyperparameters(ignore=["net", "process", "schedule", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["net", "process", "optimizer", "lr_scheduler"])
         self.net = net
-        self.process = process if process is not None else schedule
+        self.process = process
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.objective = get_objective(prediction_type, **(objective_opts or {}))
+        self.objective = get_objective(objective, **(objective_opts or {}))
         if (
-            prediction_type == "eps"
+            self.objective.name == "eps"
             and float(self.process.coefficients(torch.tensor([self.process.t_max]))[0][0]) == 0
         ):
             raise ValueError(
                 f"eps prediction cannot recover x0 where alpha = 0, as at the end of the {self.process.name} process "
-                "(zero terminal SNR, flow at t = 1): use model.prediction_type=v, x0 or flow"
+                "(zero terminal SNR, flow at t = 1): use model.objective=v, x0 or flow"
             )
         check_denoising_net(net)
-        self.prediction_type = prediction_type
         self.noise_levels = get_noise_levels(noise_levels, **(noise_levels_opts or {}))
         self.loss_weight = get_loss_weighting(loss_weighting, **(loss_weighting_opts or {}))
         self.cond_drop_prob = cond_drop_prob
@@ -147,7 +134,7 @@ class DiffusionSystem(L.LightningModule):
         return out
 
     # ----------------------------------------------------------------- data space
-    clip_x0 = True  # a property of the data space (CLIP_RULE), not of the sampler
+    clip_x0 = True  # a property of the data space (pixels in [-1, 1] are clipped, latents are not)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the space diffusion runs in (identity for pixel space)."""
@@ -161,11 +148,6 @@ class DiffusionSystem(L.LightningModule):
     def batch_x0(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """The clean sample x0 of a batch in diffusion space (the latent system samples its posterior)."""
         return self.encode(batch["image"])
-
-    @property
-    def schedule(self) -> Process:
-        """The noise process under its older name."""
-        return self.process
 
     def diffusion_step(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
         x0 = self.batch_x0(batch, generator=generator)  # (B, C, H, W)
@@ -225,32 +207,22 @@ class DiffusionSystem(L.LightningModule):
         num_samples: int | None = None,
         x_T: torch.Tensor | None = None,
         cond: dict[str, torch.Tensor] | None = None,
-        guidance_scale: float = 1.0,
-        guidance_rescale: float = 0.0,
-        guidance_interval: Sequence[float] | None = None,
-        guide: nn.Module | None = None,
+        guidance: Guidance | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
         """Draw images in [-1, 1]: x_T ~ N(0, I) -> sampler(net, guidance) -> x0 -> decode. `generator`: one, or one
         per sample (`generate.py`'s seeding rule); the sampler clips x0_hat to [-1, 1] as `clip_x0` says.
-
-        Guidance (``diffusion/guidance.py``): CFG at ``guidance_scale``, ``guidance_rescale`` (Lin et al. 2023),
-        ``guidance_interval`` [lo, hi] in k-diffusion sigma (Kynkaanniemi et al. 2024), or autoguidance by a
-        weaker ``guide`` net of the same kind in place of the unconditional branch (Karras et al. 2024)."""
+        `guidance` (``diffusion/guidance.py``): CFG scale, rescale, interval, or a guide net (autoguidance)."""
         if x_T is None:
             if num_samples is None:
                 raise ValueError("give num_samples or x_T")
             x_T = randn_like(torch.empty((num_samples, *self.sample_shape), device=self.device), generator)
         x_T = x_T.to(self.device)
-        if isinstance(sampler, Sampler):  # the data space decides, whatever the sampler was built with
-            if sampler.opts.get("clip_x0", self.clip_x0) != self.clip_x0:
-                log.warning("clip_x0=%s of the sampler ignored: %s", sampler.opts["clip_x0"], CLIP_RULE)
-            sampler = dataclasses.replace(sampler, opts={**sampler.opts, "clip_x0": self.clip_x0})
+        guidance = guidance or Guidance()
         cond = cond or {}
-        uncond = (
-            self.null_condition(x_T.shape[0]) if cond and guidance_scale != 1.0 and guide is None else None
-        )
+        unguided = guidance.scale == 1.0 or guidance.guide is not None
+        uncond = None if not cond or unguided else self.null_condition(x_T.shape[0])
         was_training = self.training
         self.eval()
         try:
@@ -258,13 +230,11 @@ class DiffusionSystem(L.LightningModule):
                 self.net,
                 x_T,
                 self.process,
-                prediction_type=self.objective,
+                objective=self.objective,
                 cond=cond,
                 uncond=uncond,
-                guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale,
-                guidance_interval=guidance_interval,
-                guide=guide,
+                guidance=guidance,
+                clip_x0=self.clip_x0,
                 generator=generator,
                 progress=progress,
             )

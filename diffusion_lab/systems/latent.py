@@ -36,7 +36,7 @@ class LatentDiffusionSystem(DiffusionSystem):
         """``kwargs``: everything DiffusionSystem takes (net, process, objective, optimizer, ...)."""
         super().__init__(**kwargs)
         self.save_hyperparameters(
-            ignore=["net", "process", "schedule", "optimizer", "lr_scheduler", "text_encoder", "kwargs"]
+            ignore=["net", "process", "optimizer", "lr_scheduler", "text_encoder", "kwargs"]
         )
         autoencoder, scale_factor = load_autoencoder(autoencoder_ckpt)
         self.autoencoder = autoencoder.requires_grad_(False).eval()

@@ -1,6 +1,7 @@
 """How the legacy checkpoints and their samples were made: ONCE, at commit 1b2858d (before the continuous-time core).
 
-Kept for the record (`tests/test_legacy.py` reads the files); running it again would overwrite the reference.
+Kept for the record (`tests/test_legacy.py` reads the files, and says which samples were redrawn since); running it
+again would overwrite the reference.
 """
 
 import shutil
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from diffusion_lab.diffusion import SAMPLERS, get_sampler  # noqa: E402
+from diffusion_lab.diffusion import SAMPLERS, Guidance, get_sampler  # noqa: E402
 from diffusion_lab.sample import load_system  # noqa: E402
 from diffusion_lab.train import train  # noqa: E402
 
@@ -19,10 +20,10 @@ from conftest import TINY, compose  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 CASES = {
-    "eps_linear_cond": ["model.prediction_type=eps", "noise=linear"],
+    "eps_linear_cond": ["model.objective=eps", "process=linear"],
     "v_cosine_uncond": [
-        "model.prediction_type=v",
-        "noise=cosine",
+        "model.objective=v",
+        "process=cosine",
         "model.net.num_classes=null",
         "model.loss_weighting=uniform",
         "callbacks=diffusion",
@@ -51,10 +52,10 @@ for name, extra in CASES.items():
         x_T = torch.randn((4, *model.sample_shape), generator=g)
         cond = {"class_labels": torch.tensor([0, 3, 5, 9])} if model.num_classes else {}
         img = model.sample(
-            sampler=get_sampler(s, steps=5, clip_x0=True),
+            sampler=get_sampler(s, steps=5),
             x_T=x_T,
             cond=cond,
-            guidance_scale=3.0 if cond else 1.0,
+            guidance=Guidance(scale=3.0 if cond else 1.0),
             generator=g,
         )
         ref[f"{name}/{s}"] = img.numpy()
