@@ -4,7 +4,7 @@
 (OMP_NUM_THREADS=1, torch.set_num_threads(1)), each trains for the wall budget and samples its own way at `nfe`
 network evaluations per image, then the framework's judge (a `experiment=fashion_mnist_classifier` checkpoint:
 `judge_ckpt=`) scores `num_samples` class-balanced samples of each: class accuracy and FID on the judge's
-features, with 95% bootstrap intervals. Writes into `out` (default outputs/race/<time>): race.md (the table),
+features, with 95% bootstrap intervals (metrics.intervals). Writes into `out` (default outputs/race/<time>): race.md (the table),
 race.json (every figure, per-class accuracies, the commands), grids/<contender>.png and grids/side_by_side.png.
 
 Contenders (`contenders=[ours,torchcfm,diffusers]`):
@@ -502,17 +502,6 @@ def worker_main(spec_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ judging
-def bootstrap_interval(
-    values_fn, n: int, *, resamples: int, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of statistic `values_fn(index array)` over `resamples` resamples of n items.
-    (A local helper: point it at metrics' bootstrap when that lands.)"""
-    rng = np.random.default_rng(seed)
-    stats = np.array([values_fn(rng.integers(0, n, n)) for _ in range(resamples)])
-    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
 def judge_rows(
     samples: dict[str, tuple[np.ndarray, np.ndarray]],
     *,
@@ -531,6 +520,7 @@ def judge_rows(
     from diffusion_lab.data.mnist import FashionMNISTDataModule
     from diffusion_lab.metrics.features import ClassifierFeatures, extract_all
     from diffusion_lab.metrics.fid import fid_from_features
+    from diffusion_lab.metrics.intervals import bootstrap_intervals
 
     judge = ClassifierFeatures(ckpt=judge_ckpt)
     dm = FashionMNISTDataModule(data_dir=data_dir, image_size=32)
@@ -549,15 +539,15 @@ def judge_rows(
     for name, (images, labels) in entries.items():
         feats, logits = extract_all(judge, images, batch_size=500, device="cpu")
         correct = logits.argmax(1) == np.asarray(labels)
-        acc_ci = bootstrap_interval(
-            lambda i, c=correct: c[i].mean(), len(correct), resamples=resamples, seed=seed
-        )
-        fid_ci = bootstrap_interval(
-            lambda i, f=feats: fid_from_features(real_feats, f[i]),
+        acc_ci = bootstrap_intervals(
+            lambda i, c=correct: {"acc": float(c[i].mean())}, len(correct), resamples=resamples, seed=seed
+        )["acc"]
+        fid_ci = bootstrap_intervals(  # FID costs a matrix square root per resample: fewer of them
+            lambda i, f=feats: {"fid": fid_from_features(real_feats, f[i])},
             len(feats),
             resamples=max(50, resamples // 5),
             seed=seed,
-        )
+        )["fid"]
         rows[name] = {
             "num_samples": int(len(correct)),
             "class_accuracy": float(correct.mean()),

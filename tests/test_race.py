@@ -91,15 +91,6 @@ def test_race_keys_peer_keys_and_our_overrides_are_told_apart():
         race.parse_args(["contenders=[ours,mine]"])
 
 
-def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
-    rng = np.random.default_rng(0)
-    x = rng.random(2000) < 0.7
-    lo, hi = race.bootstrap_interval(lambda i: x[i].mean(), len(x), resamples=2000, seed=1)
-    half = 1.96 * math.sqrt(x.mean() * (1 - x.mean()) / len(x))
-    assert lo < x.mean() < hi
-    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
-
-
 def test_missing_judge_is_one_line_saying_how_to_make_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         race.main([f"out={tmp_path}"])
@@ -176,10 +167,11 @@ def test_race_end_to_end_writes_table_json_and_grids(judge, tmp_path):
         r = saved["rows"][name]
         assert r["num_samples"] == 20
         lo, hi = r["class_accuracy_ci95"]
-        assert 0 <= lo <= r["class_accuracy"] <= hi <= 1
+        assert 0 <= r["class_accuracy"] <= 1 and lo <= r["class_accuracy"] <= hi
         # class-balanced samples: overall accuracy is the mean of the per-class ones
         assert np.mean(r["per_class_accuracy"]) == pytest.approx(r["class_accuracy"])
-        assert math.isfinite(r["fid"]) and r["fid"] >= 0 and 0 <= r["fid_ci95"][0] <= r["fid_ci95"][1]
+        # metrics.intervals' basic bootstrap pivoted on its median: the point value lies inside
+        assert math.isfinite(r["fid"]) and r["fid"] >= 0 and r["fid_ci95"][0] <= r["fid"] <= r["fid_ci95"][1]
         if name != "real":
             assert r["nfe"] == 4
     assert saved["rows"]["ours_guided"]["sampling"].endswith("guidance 3")
