@@ -119,7 +119,14 @@ MULTISTEP = {"dpmpp_2m", "unipc"}
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde"}
 
 
-ROTATION = ("eps", "v", "x0", "flow", "edm")  # every registered objective (test_every_registry_entry...)
+ROTATION = (
+    "eps",
+    "v",
+    "x0",
+    "flow",
+    "edm",
+    "consistency",
+)  # every registered objective (test_every_registry_entry...)
 
 
 def _objective_for(process_key: str, i: int):
@@ -133,6 +140,7 @@ def _objective_for(process_key: str, i: int):
 ORACLE_CASES = [  # stochastic samplers need thousands of samples: on each process's first grid only
     (sampler, proc, grid)
     for sampler in sorted(SAMPLERS)
+    if SAMPLERS.get(sampler).objective is None  # few-step samplers: their own oracle tests
     for proc in PROCESSES
     for grid in GRIDS_OF["discrete" if proc in ("linear", "cosine", "zero_snr") else "continuous"][
         : 1 if sampler in STOCHASTIC | {"edm"} else None

@@ -64,6 +64,7 @@ class _Spec:
     flavour: str  # how diffusers' scheduler it matches lays out that spacing (grids.FLAVOURS)
     grid: str | None  # a grid of its own (edm: karras) instead of the process's default
     grid_options: tuple[str, ...]  # flat options that shape the grid (set_alpha_to_one)
+    objective: str | None = None  # the one objective it samples (few-step samplers), None: every objective
 
 
 def register_sampler(
@@ -74,11 +75,14 @@ def register_sampler(
     flavour: str = "euler",
     grid: str | None = None,
     grid_options: Sequence[str] = (),
+    objective: str | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register a sampler function under ``name``; ``nfe(steps)`` is its number of network evaluations."""
+    """Register a sampler function under ``name``; ``nfe(steps)`` is its number of network evaluations;
+    ``objective``: the only objective it samples (a few-step formulation's), None for any."""
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        SAMPLERS.register(name)(_Spec(fn, nfe, discrete_grid, flavour, grid, tuple(grid_options)))
+        spec = _Spec(fn, nfe, discrete_grid, flavour, grid, tuple(grid_options), objective)
+        SAMPLERS.register(name)(spec)
         return fn
 
     return deco
@@ -437,10 +441,17 @@ class Sampler:
         if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
             raise TypeError("x_T must be a floating-point tensor of shape (B, ...)")
         opts = {k: v for k, v in self.opts.items() if k not in (*_SHARED_OPTIONS, *self._grid_options)}
+        objective = get_objective(objective)
+        needs = SAMPLERS.get(self.name).objective
+        if needs is not None and objective.name != needs:
+            raise ValueError(
+                f"sampler {self.name!r} samples only a net trained with objective {needs!r} "
+                f"(formulation={needs}), not {objective.name!r}: choose another sampler"
+            )
         denoise = Denoiser(
             model,
             process=process,
-            objective=get_objective(objective),
+            objective=objective,
             cond=cond,
             uncond=uncond,
             guidance=guidance,
