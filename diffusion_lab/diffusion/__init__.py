@@ -6,7 +6,15 @@ from .grids import GRIDS, Grid, make_grid
 from .guidance import Denoiser, Guidance
 from .losses import LOSS_WEIGHTINGS, diffusion_loss, get_loss_weighting
 from .noise_levels import NOISE_LEVELS, get_noise_levels
-from .objectives import OBJECTIVES, Objective, convert, get_objective, register_objective, training_loss
+from .objectives import (
+    OBJECTIVES,
+    LossInputs,
+    Objective,
+    convert,
+    get_objective,
+    register_objective,
+    training_loss,
+)
 from .processes import PROCESSES, Process, get_process
 from .registry import Registry
 from .samplers import SAMPLERS, Sampler, get_sampler, register_sampler, sampler_options
@@ -24,6 +32,7 @@ __all__ = [
     "DiscreteProcess",
     "Grid",
     "Guidance",
+    "LossInputs",
     "Objective",
     "Process",
     "Registry",

@@ -10,11 +10,11 @@ import torch
 
 from diffusion_lab.diffusion import (
     Guidance,
+    LossInputs,
     Process,
     get_loss_weighting,
     get_noise_levels,
     get_objective,
-    training_loss,
 )
 from diffusion_lab.diffusion.utils import randn_like
 from diffusion_lab.nets.base import DenoisingNet, check_denoising_net
@@ -161,16 +161,19 @@ class DiffusionSystem(L.LightningModule):
             )
         cond = self.condition(labels=labels, prompts=prompts)
         cond = self.drop_condition(cond) if self.training else cond
-        return training_loss(
-            self.net,
-            x0,
-            process=self.process,
-            objective=self.objective,
-            noise_levels=self.noise_levels,
-            weighting=self.loss_weight,
-            cond=cond,
-            generator=generator,
-            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format,
+        return self.objective.loss(  # the one seam: generic, or a few-step objective's own loss
+            LossInputs(
+                net=self.net,
+                x0=x0,
+                process=self.process,
+                noise_levels=self.noise_levels,
+                weighting=self.loss_weight,
+                cond=cond,
+                null_condition=self.null_condition if self.is_conditional else None,
+                generator=generator,
+                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format,
+                step=self.global_step,
+            )
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
