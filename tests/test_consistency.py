@@ -67,22 +67,23 @@ def test_ect_ratio_and_pseudo_huber_by_hand():
 
 
 def test_ict_pairs_follow_the_curriculum_and_the_lognormal():
-    obj = get_objective("consistency", s0=10, s1=40)
+    obj = get_objective("consistency", s0=10, s1=40, total_steps=300)
     g = torch.Generator().manual_seed(0)
-    s, s_prev, w = obj.pair(40000, progress=0.0, generator=g)
+    s, s_prev, w = obj.pair(40000, step=0, generator=g)
     sig = karras_sigmas(11, sigma_min=S_MIN, sigma_max=80.0)
     i = torch.searchsorted(sig, s_prev)
     torch.testing.assert_close(s_prev, sig[i]) and torch.testing.assert_close(s, sig[i + 1])
     torch.testing.assert_close(w, 1 / (s - s_prev))
     freq = torch.bincount(i, minlength=10).double() / len(i)
     assert (freq - lognormal_pair_probs(sig)).abs().max() < 0.01
-    late, _, _ = obj.pair(1000, progress=0.99, generator=g)  # log2(40 / 10) + 1 = 3 stages: N = 41 at the end
+    late, _, _ = obj.pair(1000, step=299, generator=g)  # K' = 300 / 3 = 100: N = 41 from step 200 on
     assert set(late.tolist()) <= set(karras_sigmas(41, sigma_min=S_MIN, sigma_max=80.0).tolist())
+    assert not set(late.tolist()) <= set(karras_sigmas(21, sigma_min=S_MIN, sigma_max=80.0).tolist())
 
 
 def test_ect_pairs_by_hand():
-    obj = get_objective("consistency", schedule="ect", stages=4, q=2.0)
-    s, s_prev, w = obj.pair(1000, progress=0.6, generator=torch.Generator().manual_seed(1))  # stage 2
+    obj = get_objective("consistency", schedule="ect", stage_steps=100, q=2.0)
+    s, s_prev, w = obj.pair(1000, step=250, generator=torch.Generator().manual_seed(1))  # stage 2
     torch.testing.assert_close(s_prev, s * ect_ratio(s, stage=2, q=2.0))
     torch.testing.assert_close(w, (s * s + SD**2) / (s * SD) ** 2)
     assert abs(s.log().mean().item() + 1.1) < 0.15 and abs(s.log().std().item() - 2.0) < 0.15
@@ -137,7 +138,7 @@ def test_exact_consistency_model_has_zero_ict_loss_and_a_perturbed_one_does_not(
     x0 = mu.float().expand(16, -1, -1, -1).contiguous()
     net = point_mass_consistency_net(mu, process)
     g = torch.Generator().manual_seed(4)
-    assert obj.training_loss(net, x0, process=process, generator=g, progress=0.3).item() < 1e-4
+    assert obj.training_loss(net, x0, process=process, generator=g, step=3000).item() < 1e-4
     wrong = obj.training_loss(lambda x, c, **k: net(x, c) + 0.1, x0, process=process, generator=g)
     assert wrong.item() > 1e-2
 
@@ -191,3 +192,52 @@ def test_consistency_objective_inverts_its_target_and_keeps_the_boundary():
     torch.testing.assert_close(x0_hat.double(), x0, rtol=1e-5, atol=1e-5)
     x0_b, _ = obj.denoised(torch.randn(3, 2), x_t.float(), 1.0, S_MIN)  # f(x, s_min) = x whatever F
     torch.testing.assert_close(x0_b, x_t.float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: formulation=consistency trains through the seam and samples in 1 and 2 steps; ECT's init_ckpt=
+
+
+def test_formulation_consistency_trains_samples_and_starts_from_an_edm_run(tmp_path, tiny_overrides):
+    from hydra.utils import instantiate
+
+    from diffusion_lab.checkpoints import load_system, read_checkpoint, sub_state
+    from diffusion_lab.train import train
+
+    from conftest import compose
+
+    cfg = compose("train", [*tiny_overrides, "formulation=consistency"], tmp_path / "ct")
+    summary = train(cfg)
+    assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 4
+    model, config = load_system(tmp_path / "ct" / "checkpoints" / "last.ckpt")
+    assert (config["formulation"], config["model"]["objective"], model.process.name) == (
+        "consistency",
+        "consistency",
+        "ve",
+    )
+    for steps in (1, 2):
+        x = model.sample(
+            sampler=get_sampler("consistency", steps=steps),
+            num_samples=2,
+            cond={"class_labels": torch.tensor([0, 1])},
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and x.std() > 0
+
+    edm = tmp_path / "edm"
+    train(compose("train", [*tiny_overrides, "formulation=edm"], edm))
+    ect = [
+        "formulation=consistency",
+        "model.objective_opts.schedule=ect",
+        f"init_ckpt={edm}/checkpoints/last.ckpt",
+    ]
+    system = instantiate(compose("train", [*tiny_overrides, *ect], tmp_path / "ect").model, _convert_="all")
+    start = sub_state(read_checkpoint(edm / "checkpoints" / "last.ckpt")["state_dict"], "net.")
+    assert start and all(torch.equal(system.net.state_dict()[k], v) for k, v in start.items())
+    with pytest.raises(
+        Exception, match="init_ckpt not found: /nowhere.ckpt"
+    ):  # hydra wraps the CheckpointError
+        instantiate(
+            compose("train", [*tiny_overrides, "init_ckpt=/nowhere.ckpt"], tmp_path / "x").model,
+            _convert_="all",
+        )

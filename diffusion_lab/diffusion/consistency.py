@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .grids import Grid, karras, register_grid
 from .guidance import Denoiser
-from .objectives import EDM, Scalar, _sqrt, register_objective
+from .objectives import EDM, LossInputs, Scalar, _sqrt, register_objective
 from .processes import Process
 from .samplers import register_sampler
 from .utils import append_dims
@@ -77,7 +77,9 @@ def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
 class Consistency(EDM):
     """Consistency model F (iCT / ECT, see the module docstring): EDM's c_in, c_noise with c_skip / c_out
     vanishing at ``sigma_min``. ``schedule`` 'ict' (Karras pairs, curriculum s0 -> s1 over the run) or 'ect'
-    (continuous s' = ratio(s) s in ``stages`` equal stages, ratio from q, k, b); ``huber_c`` null: 0.00054 sqrt(dim).
+    (continuous s' = ratio(s) s, the stage growing every ``stage_steps`` steps as ECT's --double, ratio from q, k,
+    b); ``total_steps`` is iCT's K (the curriculum's length; set it to the run's steps); ``huber_c`` null:
+    0.00054 sqrt(dim).
     """
 
     sigma_data: float = 0.5
@@ -87,10 +89,11 @@ class Consistency(EDM):
     schedule: str = "ict"
     s0: int = 10
     s1: int = 1280
+    total_steps: int = 10000
     p_mean: float = -1.1
     p_std: float = 2.0
     huber_c: float | None = None
-    stages: int = 4
+    stage_steps: int = 2500
     q: float = 4.0
     k: float = 8.0
     b: float = 1.0
@@ -101,6 +104,10 @@ class Consistency(EDM):
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"consistency schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.total_steps < 1 or self.stage_steps < 1:
+            raise ValueError(
+                f"total_steps and stage_steps must be >= 1, got {self.total_steps}, {self.stage_steps}"
             )
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
@@ -135,13 +142,12 @@ class Consistency(EDM):
 
     # ------------------------------------------------------------------ training
     def pair(
-        self, n: int, *, progress: float, generator: torch.Generator | None = None
+        self, n: int, *, step: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(s, s', weight) for n samples at training ``progress`` in [0, 1] (k-diffusion sigmas, float64)."""
+        """(s, s', weight) for n samples at optimizer step ``step`` (k-diffusion sigmas, float64)."""
         where = generator.device if generator is not None else None
         if self.schedule == "ict":
-            total = 10**6  # progress -> iteration k of K: the curriculum's stage boundaries as iCT eq. 8
-            steps = ict_discretisation(round(progress * total), total, s0=self.s0, s1=self.s1)
+            steps = ict_discretisation(step, self.total_steps, s0=self.s0, s1=self.s1)
             sigmas = karras_sigmas(steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
             probs = lognormal_pair_probs(sigmas, p_mean=self.p_mean, p_std=self.p_std)
             i = torch.multinomial(probs.float().to(where), n, replacement=True, generator=generator).cpu()
@@ -150,7 +156,7 @@ class Consistency(EDM):
         s = (
             torch.randn(n, generator=generator, device=where).cpu().double() * self.p_std + self.p_mean
         ).exp()
-        stage = min(int(progress * self.stages), self.stages - 1)
+        stage = step // self.stage_steps
         s_prev = s * ect_ratio(s, stage=stage, q=self.q, k=self.k, b=self.b)
         return s, s_prev, (s * s + self.sigma_data**2) / (s * self.sigma_data) ** 2
 
@@ -204,15 +210,27 @@ class Consistency(EDM):
         process: Process,
         cond: dict[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
-        progress: float = 0.0,
+        step: int = 0,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> Tensor:
-        """Consistency training loss at run ``progress`` in [0, 1]: a pair (s, s') per sample (``pair``), one
-        noise direction eps, then ``pair_loss``."""
-        s, s_prev, weight = self.pair(len(x0), progress=progress, generator=generator)
+        """Consistency training loss at optimizer ``step``: a pair (s, s') per sample (``pair``), one noise
+        direction eps, then ``pair_loss``."""
+        s, s_prev, weight = self.pair(len(x0), step=step, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return self.pair_loss(
             net, x0, eps, s, s_prev, weight, process=process, cond=cond, memory_format=memory_format
+        )
+
+    def loss(self, inputs: LossInputs) -> Tensor:
+        """The few-step seam: consistency training on the batch (the net is its own stop-gradient teacher)."""
+        return self.training_loss(
+            inputs.net,
+            inputs.x0,
+            process=inputs.process,
+            cond=inputs.cond,
+            generator=inputs.generator,
+            step=inputs.step,
+            memory_format=inputs.memory_format,
         )
 
 
