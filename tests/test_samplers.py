@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from diffusion_lab.diffusion import SAMPLERS, Denoiser, Guidance, get_objective, get_process, get_sampler
+from diffusion_lab.diffusion import Denoiser, Guidance, get_objective, get_process, get_sampler
+from diffusion_lab.diffusion.samplers import denoiser_samplers
 
 
 def _diffusers():
@@ -194,7 +195,7 @@ def test_ddim_skips_to_the_next_listed_timestep():
 # ----------------------------------------------------------------------------------------------------------
 # Contracts, parametrised over the registry: a newly registered sampler is tested here automatically.
 
-ALL = [name for name in SAMPLERS if SAMPLERS.get(name).objective is None]  # few-step ones: their own tests
+ALL = denoiser_samplers()  # the few-step formulations' own samplers: tests/test_meanflow.py, ...
 
 
 @pytest.mark.parametrize("name", ALL)

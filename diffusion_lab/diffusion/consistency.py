@@ -242,7 +242,7 @@ def consistency_levels(process: Process, steps: int, *, rho: float = 7.0) -> tup
     return t[:-1], ksigma[:-1]
 
 
-@register_sampler("consistency", grid="consistency", objective="consistency")
+@register_sampler("consistency", grid="consistency", formulation="consistency")
 def consistency(denoise: Denoiser, x: Tensor, grid: Grid, *, s_noise: float = 1.0) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1): x0 = f(x, s_0), then for each next s_n
     x = x0 + sqrt(s_n^2 - s_min^2) z and x0 = f(x, s_n); one step is one evaluation."""

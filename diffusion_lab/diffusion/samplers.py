@@ -64,7 +64,9 @@ class _Spec:
     flavour: str  # how diffusers' scheduler it matches lays out that spacing (grids.FLAVOURS)
     grid: str | None  # a grid of its own (edm: karras) instead of the process's default
     grid_options: tuple[str, ...]  # flat options that shape the grid (set_alpha_to_one)
-    objective: str | None = None  # the one objective it samples (few-step samplers), None: every objective
+    formulation: str | None = (
+        None  # a few-step sampler's formulation (meanflow, ...): it samples only its nets
+    )
 
 
 def register_sampler(
@@ -75,13 +77,13 @@ def register_sampler(
     flavour: str = "euler",
     grid: str | None = None,
     grid_options: Sequence[str] = (),
-    objective: str | None = None,
+    formulation: str | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a sampler function under ``name``; ``nfe(steps)`` is its number of network evaluations;
-    ``objective``: the only objective it samples (a few-step formulation's), None for any."""
+    ``formulation``: the few-step formulation whose nets it alone samples (None: any denoiser)."""
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        spec = _Spec(fn, nfe, discrete_grid, flavour, grid, tuple(grid_options), objective)
+        spec = _Spec(fn, nfe, discrete_grid, flavour, grid, tuple(grid_options), formulation)
         SAMPLERS.register(name)(spec)
         return fn
 
@@ -442,7 +444,7 @@ class Sampler:
             raise TypeError("x_T must be a floating-point tensor of shape (B, ...)")
         opts = {k: v for k, v in self.opts.items() if k not in (*_SHARED_OPTIONS, *self._grid_options)}
         objective = get_objective(objective)
-        needs = SAMPLERS.get(self.name).objective
+        needs = SAMPLERS.get(self.name).formulation  # its objective has the formulation's name
         if needs is not None and objective.name != needs:
             raise ValueError(
                 f"sampler {self.name!r} samples only a net trained with objective {needs!r} "
@@ -469,6 +471,11 @@ class Sampler:
     @property
     def _grid_options(self) -> tuple[str, ...]:
         return SAMPLERS.get(self.name).grid_options
+
+
+def denoiser_samplers() -> list[str]:
+    """The samplers that run any denoiser on any process (every one but the few-step formulations' own)."""
+    return [name for name in SAMPLERS if SAMPLERS.get(name).formulation is None]
 
 
 def sampler_options(name: str) -> list[str]:
