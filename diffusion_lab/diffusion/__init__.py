@@ -1,6 +1,7 @@
 """The diffusion maths: noise processes, objectives, noise-level distributions, loss weightings, grids,
 guidance and samplers."""
 
+from . import meanflow  # noqa: E402, F401  (registers the meanflow objective and sampler)
 from .grids import GRIDS, Grid, make_grid
 from .guidance import Denoiser, Guidance
 from .losses import LOSS_WEIGHTINGS, diffusion_loss, get_loss_weighting
