@@ -481,7 +481,7 @@ def test_every_registry_entry_has_its_yaml_and_back():
     assert stems == values == set(NOISE_LEVELS)
     stems, values = names("model/loss_weighting", "loss_weighting")
     assert stems == values == set(LOSS_WEIGHTINGS)
-    assert {f.stem for f in (conf / "formulation").glob("*.yaml")} == {"ddpm", "edm", "flow", "consistency"}
+    assert {f.stem for f in (conf / "formulation").glob("*.yaml")} == {"ddpm", "edm", "flow"} | few_step
 
 
 def test_data_sets_text_encoders_and_feature_extractors_have_their_yaml_and_back(tmp_path, tiny_overrides):

@@ -81,7 +81,8 @@ def test_unknown_prediction_type_lists_the_choices():
         lambda: get_objective("velocity").denoised(x0, x0, alpha, sigma),
     ):
         with pytest.raises(
-            ValueError, match="unknown objective '.*'; valid choices: consistency, edm, eps, flow, v, x0"
+            ValueError,
+            match="unknown objective '.*'; valid choices: consistency, edm, eps, flow, meanflow, v, x0",
         ):
             fn()
 

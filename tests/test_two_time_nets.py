@@ -84,6 +84,7 @@ def test_two_time_net_starts_as_the_one_time_net_and_then_depends_on_the_second_
     b = two(x, t, class_labels=y, second_level=torch.tensor([500.0, 500.0, 500.0]))
     assert (a - b).abs().mean() > 1e-4
     torch.testing.assert_close(two(x, t, class_labels=y, second_level=torch.tensor(500.0)), b)
+    torch.testing.assert_close(two(x, t, class_labels=y), a)  # no second level: 0, the instantaneous one
 
 
 def test_unet_init_kwargs_name_the_flag_only_when_set():

@@ -1,7 +1,10 @@
 """The diffusion maths: noise processes, objectives, noise-level distributions, loss weightings, grids,
 guidance and samplers."""
 
-from . import consistency  # noqa: E402, F401  (registers the consistency objective, grid and sampler)
+from . import (
+    consistency,  # noqa: E402, F401  (registers the consistency objective, grid and sampler)
+    meanflow,  # noqa: E402, F401  (registers the meanflow objective and sampler)
+)
 from .grids import GRIDS, Grid, make_grid
 from .guidance import Denoiser, Guidance
 from .losses import LOSS_WEIGHTINGS, diffusion_loss, get_loss_weighting

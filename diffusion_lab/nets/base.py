@@ -25,8 +25,9 @@ class DenoisingNet(Protocol):
     (B, L) marking the real ones. H and W must be multiples of `input_multiple` (a UNet's 2^(levels - 1), a
     DiT's patch size). `second_level` (B,) or () is an optional second time, accepted only by a net built with
     `two_time=True` (`accepts_second_level`): MeanFlow's interval t - r or the shortcut step size d, in the
-    noise level's own scale (1000 d for 1000 t); it is embedded like the noise level by its own MLP, zero at its
-    output, and added to the time embedding, so such a net starts equal to the one-time net.
+    noise level's own scale (1000 d for 1000 t), default 0 (the instantaneous velocity); it is embedded like the
+    noise level by its own MLP, zero at its output, and added to the time embedding, so such a net starts equal
+    to the one-time net.
     """
 
     in_channels: int
@@ -110,18 +111,22 @@ def embed_condition(
     """The conditioning prologue of UNet and DiT: net.time_mlp(sinusoidal(noise_level)) plus net.class_emb of the
     class ids (``class_ids``: the null class when none is given), plus net.second_level_mlp(sinusoidal(
     second_level)) when given, (B, dim); 0-d levels are broadcast. ValueError for a second level given to a net
-    built without `two_time=True`."""
+    built without `two_time=True`; a two-time net called without one takes 0 (r = t, d = 0: the
+    instantaneous velocity, so every multi-step sampler runs it)."""
     if noise_level.ndim == 0:
         noise_level = noise_level.expand(x.shape[0])
-    emb = net.time_mlp(timestep_embedding(noise_level, frequency_dim))  # (B, dim)
-    if second_level is not None:
-        if net.second_level_mlp is None:
-            raise ValueError(
-                f"second_level given to a {type(net).__name__} built without two_time=True "
-                "(model.net.two_time: true makes a two-time net)"
-            )
+    emb = net.time_mlp(timestep_embedding(noise_level, frequency_dim).to(x.dtype))  # (B, dim)
+    if second_level is not None and net.second_level_mlp is None:
+        raise ValueError(
+            f"second_level given to a {type(net).__name__} built without two_time=True "
+            "(model.net.two_time: true makes a two-time net)"
+        )
+    if (
+        net.second_level_mlp is not None
+    ):  # None: 0, the instantaneous velocity (MeanFlow r = t, shortcut d = 0)
+        second_level = torch.zeros_like(noise_level) if second_level is None else second_level
         if second_level.ndim == 0:
             second_level = second_level.expand(x.shape[0])
-        emb = emb + net.second_level_mlp(timestep_embedding(second_level, frequency_dim))  # (B, dim)
+        emb = emb + net.second_level_mlp(timestep_embedding(second_level, frequency_dim).to(x.dtype))
     labels = class_ids(net, class_labels, context, x)  # (B,) or None
     return emb if labels is None else emb + net.class_emb(labels)
