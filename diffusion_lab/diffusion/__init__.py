@@ -4,6 +4,7 @@ guidance and samplers."""
 from . import (
     consistency,  # noqa: E402, F401  (registers the consistency objective, grid and sampler)
     meanflow,  # noqa: E402, F401  (registers the meanflow objective and sampler)
+    shortcut,  # noqa: E402, F401  (registers the shortcut objective and sampler)
 )
 from .grids import GRIDS, Grid, make_grid
 from .guidance import Denoiser, Guidance
