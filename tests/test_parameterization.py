@@ -82,7 +82,7 @@ def test_unknown_prediction_type_lists_the_choices():
     ):
         with pytest.raises(
             ValueError,
-            match="unknown objective '.*'; valid choices: consistency, edm, eps, flow, meanflow, v, x0",
+            match="unknown objective '.*'; valid choices: consistency, edm, eps, flow, meanflow, shortcut, v, x0",
         ):
             fn()
 

@@ -413,7 +413,7 @@ def test_bad_options_and_prediction_type_fail():
     schedule = get_process("linear")
     with pytest.raises(
         ValueError,
-        match="unknown objective 'epsilon'; valid choices: consistency, edm, eps, flow, meanflow, v, x0",
+        match="unknown objective 'epsilon'; valid choices: consistency, edm, eps, flow, meanflow, shortcut, v, x0",
     ):
         get_sampler("ddim", steps=5)(gaussian_toy(schedule, "eps"), x_T(), schedule, objective="epsilon")
     with pytest.raises(ValueError, match="repeats timesteps"):  # diffusers would divide by zero here
