@@ -41,7 +41,11 @@ def _ldm_text(tmp_path: Path) -> list[str]:
 
 
 def overrides_for(experiment: str, tmp_path: Path) -> list[str]:
-    if experiment in ("fashion_mnist", "ablation_formulation"):  # Fashion-MNIST at 8 px, a tiny net
+    if experiment in (
+        "fashion_mnist",
+        "ablation_formulation",
+        "ablation_few_step",
+    ):  # Fashion-MNIST, 8 px, tiny net
         accuracy = ["callbacks.class_accuracy.num_per_class=1", "callbacks.class_accuracy.sampler.steps=2"]
         return [
             *SMALL_NET,

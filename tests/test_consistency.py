@@ -241,3 +241,18 @@ def test_formulation_consistency_trains_samples_and_starts_from_an_edm_run(tmp_p
             compose("train", [*tiny_overrides, "init_ckpt=/nowhere.ckpt"], tmp_path / "x").model,
             _convert_="all",
         )
+
+
+def test_fashion_mnist_and_the_few_step_ablation_compose_with_the_consistency_curriculum(tmp_path):
+    """experiment=fashion_mnist formulation=consistency composes and builds, the curriculum's K = the run's steps;
+    a time-limited run without total_steps fails naming the key."""
+    from hydra.utils import instantiate
+
+    from conftest import compose
+
+    cfg = compose("train", ["experiment=fashion_mnist", "formulation=consistency"], tmp_path)
+    model = instantiate(cfg.model, _convert_="all")
+    assert (model.objective.name, model.objective.total_steps) == ("consistency", cfg.trainer.max_steps)
+    timed = compose("train", ["formulation=consistency", "trainer.max_steps=-1"], tmp_path)
+    with pytest.raises(Exception, match="sets model.objective_opts.total_steps"):
+        instantiate(timed.model, _convert_="all")

@@ -107,7 +107,8 @@ class Consistency(EDM):
             )
         if self.total_steps < 1 or self.stage_steps < 1:
             raise ValueError(
-                f"total_steps and stage_steps must be >= 1, got {self.total_steps}, {self.stage_steps}"
+                f"consistency total_steps (iCT's K) and stage_steps must be >= 1, got {self.total_steps} and "
+                f"{self.stage_steps}: a time-limited run (trainer.max_steps=-1) sets model.objective_opts.total_steps"
             )
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
