@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -121,25 +119,7 @@ def test_shortcut_sampler_refuses_other_objectives_and_one_time_nets():
 
 
 def test_formulation_shortcut_trains_and_samples(tmp_path, tiny_overrides):
-    from diffusion_lab.checkpoints import load_system
-    from diffusion_lab.train import train
+    from experiment_fixtures import train_few_step
 
-    from conftest import compose
-
-    cfg = compose("train", [*tiny_overrides, "formulation=shortcut"], tmp_path / "sc")
-    summary = train(cfg)
-    assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 4
-    model, config = load_system(tmp_path / "sc" / "checkpoints" / "last.ckpt")
-    assert (config["formulation"], config["model"]["objective"], model.net.accepts_second_level) == (
-        "shortcut",
-        "shortcut",
-        True,
-    )
-    for steps in (1, 2):
-        x = model.sample(
-            sampler=get_sampler("shortcut", steps=steps),
-            num_samples=2,
-            cond={"class_labels": torch.tensor([0, 1])},
-            generator=torch.Generator().manual_seed(0),
-        )
-        assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and x.std() > 0
+    model, _ = train_few_step("shortcut", tiny_overrides, tmp_path / "sc")
+    assert model.process.name == "rectified_flow" and model.net.accepts_second_level
