@@ -123,3 +123,51 @@ def test_formulation_shortcut_trains_and_samples(tmp_path, tiny_overrides):
 
     model, _ = train_few_step("shortcut", tiny_overrides, tmp_path / "sc")
     assert model.process.name == "rectified_flow" and model.net.accepts_second_level
+
+
+class LabelledNet(ExactNet):
+    """The exact net plus 0.1 * class label: conditional velocities differ by class, the null class (10) most."""
+
+    def __call__(self, x, level, *, second_level, class_labels):
+        out = super().__call__(x, level, second_level=second_level)
+        self.calls[-1] = (*self.calls[-1], class_labels.clone())
+        return out + 0.1 * class_labels.view(-1, 1, 1, 1).float()
+
+
+def test_cfg_is_folded_into_the_finest_targets_by_hand():
+    """cfg_scale w: at the finest level the teacher's velocities are u_null + w (u_cond - u_null) (the paper's
+    bootstrap_cfg); the loss equals the hand-computed flow and bootstrap errors with those targets."""
+    process = get_process("rectified_flow")
+    obj = get_objective(
+        "shortcut", min_step=1 / 2, bootstrap_share=0.5, cfg_scale=3.0
+    )  # every target is finest
+    g = torch.Generator().manual_seed(3)
+    x0, labels = MU + S * torch.randn(8, 1, 2, 2, generator=g), torch.arange(8) % 3
+    net = LabelledNet()
+    inputs = LossInputs(
+        net=net,
+        x0=x0,
+        process=process,
+        noise_levels=get_noise_levels("uniform"),
+        weighting=lambda *a, **k: None,
+        cond={"class_labels": labels},
+        null_condition=lambda n: {"class_labels": torch.full((n,), 10)},
+        generator=g,
+    )
+    loss = obj.loss(inputs)
+    assert len(net.calls) == 6  # flow, (u1, u1 null), (u2, u2 null), bootstrap
+    assert all((c[-1] == 10).all() for c in (net.calls[2], net.calls[4]))
+    (x_f, t_f, d_f, l_f), *_, (x_b, t_b, d_b, l_b) = net.calls
+
+    def guided(x, t, d):
+        cond = exact_velocity(x, t, torch.zeros_like(t)) + 0.1 * l_b.view(-1, 1, 1, 1)
+        return cond + (3.0 - 1) * (cond - (exact_velocity(x, t, torch.zeros_like(t)) + 1.0))
+
+    target = shortcut_target(guided, x_b.double(), t_b, torch.full_like(t_b, 0.5))
+    out_b = exact_velocity(x_b, t_b, d_b) + 0.1 * l_b.view(-1, 1, 1, 1)
+    eps = (x_f.double() - (1 - t_f.view(-1, 1, 1, 1)) * x0[4:].double()) / t_f.view(-1, 1, 1, 1)
+    out_f = exact_velocity(x_f, t_f, d_f) + 0.1 * l_f.view(-1, 1, 1, 1)
+    errors = torch.cat(
+        [(out_b - target).pow(2).flatten(1).mean(1), (out_f - (eps - x0[4:])).pow(2).flatten(1).mean(1)]
+    )
+    assert loss.item() == pytest.approx(errors.mean().item(), rel=1e-4)
