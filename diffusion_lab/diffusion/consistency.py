@@ -247,6 +247,11 @@ def consistency_levels(process: Process, steps: int, *, rho: float = 7.0) -> tup
 def consistency(denoise: Denoiser, x: Tensor, grid: Grid, *, s_noise: float = 1.0) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1): x0 = f(x, s_0), then for each next s_n
     x = x0 + sqrt(s_n^2 - s_min^2) z and x0 = f(x, s_n); one step is one evaluation."""
+    if denoise.objective.name != "consistency":
+        raise ValueError(
+            "the consistency sampler samples nets trained with objective=consistency (formulation=consistency), "
+            f"got objective {denoise.objective.name}"
+        )
     ks, s_min = grid.ksigma, denoise.objective.sigma_min
     x = grid.start(x, "k")
     for i in denoise.progress(grid.steps):

@@ -443,17 +443,10 @@ class Sampler:
         if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
             raise TypeError("x_T must be a floating-point tensor of shape (B, ...)")
         opts = {k: v for k, v in self.opts.items() if k not in (*_SHARED_OPTIONS, *self._grid_options)}
-        objective = get_objective(objective)
-        needs = SAMPLERS.get(self.name).formulation  # its objective has the formulation's name
-        if needs is not None and objective.name != needs:
-            raise ValueError(
-                f"sampler {self.name!r} samples only a net trained with objective {needs!r} "
-                f"(formulation={needs}), not {objective.name!r}: choose another sampler"
-            )
         denoise = Denoiser(
             model,
             process=process,
-            objective=objective,
+            objective=get_objective(objective),
             cond=cond,
             uncond=uncond,
             guidance=guidance,

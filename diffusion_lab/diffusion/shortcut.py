@@ -165,6 +165,11 @@ def shortcut(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     the grid 'even'; through the Denoiser (x0_hat = x_t - t u, eps_hat = x0_hat + u) it is
     x_{t - d} = (1 - (t - d)) x0_hat + (t - d) eps_hat, with guidance, clipping and callbacks as every sampler."""
     objective = denoise.objective
+    if objective.name != FORMULATION:
+        raise ValueError(
+            f"the shortcut sampler samples nets trained with objective={FORMULATION} (formulation={FORMULATION}), "
+            f"got objective {objective.name}"
+        )
     check_shortcut(denoise.process, denoise.model, "the shortcut sampler")
     x = grid.start(x)
     for i in denoise.progress(grid.steps):
