@@ -39,12 +39,17 @@ def _perturb_outputs(net: torch.nn.Module) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("kind", NETS)
-def test_one_time_net_keeps_its_parameters_and_refuses_a_second_level(kind):
+def _pair(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The one-time and the two-time net of `kind`, built from the same seed."""
     torch.manual_seed(0)
     one = NETS[kind]()
     torch.manual_seed(0)
-    two = NETS[kind](two_time=True)
+    return one, NETS[kind](two_time=True)
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_one_time_net_keeps_its_parameters_and_refuses_a_second_level(kind):
+    one, two = _pair(kind)
     assert not one.accepts_second_level and two.accepts_second_level
     one_sd, two_sd = one.state_dict(), two.state_dict()
     # the one-time net's names, in order, are the two-time net's first ones, with the same random init
@@ -61,10 +66,7 @@ def test_one_time_net_keeps_its_parameters_and_refuses_a_second_level(kind):
 
 @pytest.mark.parametrize("kind", NETS)
 def test_two_time_net_starts_as_the_one_time_net_and_then_depends_on_the_second_level(kind):
-    torch.manual_seed(0)
-    one = NETS[kind]()
-    torch.manual_seed(0)
-    two = NETS[kind](two_time=True)
+    one, two = _pair(kind)
     _perturb_outputs(one)
     _perturb_outputs(two)  # same generator: the shared parameters get the same values
     # the second-level MLP's output layer is zero, so any second level leaves the output as the one-time net's

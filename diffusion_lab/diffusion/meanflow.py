@@ -6,8 +6,9 @@ u = v - (t - r) du/dt, with du/dt = v d_z u + d_t u the total derivative along t
 onto the stop-gradient target v - (t - r) du_theta/dt, du/dt by ONE forward-mode ``torch.func.jvp`` with tangent
 (v, 0, 1) in (z, r, t), weighted adaptively by 1 / (||err||^2 + c)^p (sg). (t, r) come from two logit-normals,
 r = t on a share of the batch (plain flow matching there), as Gsunshine/py-meanflow's ``sample_two_timesteps_t_r_v1``.
-The net sees noise_level(t) and, as its second level, noise_level(t) - noise_level(r) (1000 (t - r)): the
-interval, the paper's best choice (its Table 1c) and the same scale as the shortcut step size.
+The net sees noise_level(t) and, as its second level, noise_level(t) - noise_level(r): the interval, the
+paper's best choice (its Table 1c). formulation=meanflow sets the process's time_scale to 1 (levels t and t - r,
+as py-meanflow): at flow's usual 1000 t the net is 1000x sharper in t, and so is the du/dt in its target.
 CFG is folded into the target (paper sec. 4.2, App. B.1): v is replaced by
 v~ = w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null), sg, for the samples that kept their condition.
 Sampling (``meanflow`` sampler): z_r = z_t - (t - r) u(z_t, r, t) over k steps of the grid (1 step: z_0 = eps - u).
