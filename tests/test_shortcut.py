@@ -48,6 +48,14 @@ class ExactNet:
         return exact_velocity(x, t, d).float()
 
 
+def flow_inputs(net, x0, generator, **extra) -> LossInputs:
+    """A training batch on the rectified flow with uniform t (the loss weighting is unused by shortcut)."""
+    process, levels = get_process("rectified_flow"), get_noise_levels("uniform")
+    return LossInputs(
+        net=net, x0=x0, process=process, noise_levels=levels, weighting=None, generator=generator, **extra
+    )
+
+
 def test_the_target_from_two_exact_half_steps_is_the_exact_full_step():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 1, 3, 3, generator=g, dtype=torch.float64)
@@ -71,20 +79,11 @@ def test_dyadic_steps_and_the_step_level():
 def test_loss_by_hand_with_the_exact_net():
     """Flow rows see d = 0 and regress eps - x0; bootstrap rows see 2d on the dyadic grid at t on its multiples,
     and with the exact net their targets are met (up to the finest level's O(d) Euler error)."""
-    process = get_process("rectified_flow")
     obj = get_objective("shortcut", min_step=1 / 1024, bootstrap_share=0.5)
     g = torch.Generator().manual_seed(1)
     x0 = MU + S * torch.randn(40, 1, 2, 2, generator=g)
     net = ExactNet()
-    inputs = LossInputs(
-        net=net,
-        x0=x0,
-        process=process,
-        noise_levels=get_noise_levels("uniform"),
-        weighting=lambda *a, **k: None,
-        generator=g,
-    )
-    loss = obj.loss(inputs)
+    loss = obj.loss(flow_inputs(net, x0, g))
     (x_flow, t_flow, d_flow), *teacher, (x_boot, t_boot, d_boot) = net.calls
     assert len(teacher) == 2 and (d_flow == 0).all() and len(x_flow) == len(x_boot) == 20
     two_d = dyadic_bootstrap_steps(20, 1 / 1024)
@@ -137,24 +136,14 @@ class LabelledNet(ExactNet):
 def test_cfg_is_folded_into_the_finest_targets_by_hand():
     """cfg_scale w: at the finest level the teacher's velocities are u_null + w (u_cond - u_null) (the paper's
     bootstrap_cfg); the loss equals the hand-computed flow and bootstrap errors with those targets."""
-    process = get_process("rectified_flow")
     obj = get_objective(
         "shortcut", min_step=1 / 2, bootstrap_share=0.5, cfg_scale=3.0
     )  # every target is finest
     g = torch.Generator().manual_seed(3)
     x0, labels = MU + S * torch.randn(8, 1, 2, 2, generator=g), torch.arange(8) % 3
     net = LabelledNet()
-    inputs = LossInputs(
-        net=net,
-        x0=x0,
-        process=process,
-        noise_levels=get_noise_levels("uniform"),
-        weighting=lambda *a, **k: None,
-        cond={"class_labels": labels},
-        null_condition=lambda n: {"class_labels": torch.full((n,), 10)},
-        generator=g,
-    )
-    loss = obj.loss(inputs)
+    null = {"null_condition": lambda n: {"class_labels": torch.full((n,), 10)}}
+    loss = obj.loss(flow_inputs(net, x0, g, cond={"class_labels": labels}, **null))
     assert len(net.calls) == 6  # flow, (u1, u1 null), (u2, u2 null), bootstrap
     assert all((c[-1] == 10).all() for c in (net.calls[2], net.calls[4]))
     (x_f, t_f, d_f, l_f), *_, (x_b, t_b, d_b, l_b) = net.calls
