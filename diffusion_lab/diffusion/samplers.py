@@ -64,9 +64,7 @@ class _Spec:
     flavour: str  # how diffusers' scheduler it matches lays out that spacing (grids.FLAVOURS)
     grid: str | None  # a grid of its own (edm: karras) instead of the process's default
     grid_options: tuple[str, ...]  # flat options that shape the grid (set_alpha_to_one)
-    formulation: str | None = (
-        None  # a few-step sampler's formulation (meanflow, ...): it samples only its nets
-    )
+    formulation: str | None = None  # a few-step sampler's formulation: it samples only its nets
 
 
 def register_sampler(
