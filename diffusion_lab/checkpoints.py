@@ -373,6 +373,15 @@ def load_system(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
     return model, config
 
 
+def load_init_net(net: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Start ``net`` from the net weights (EMA) of a diffusion checkpoint of this framework (``init_ckpt=``, ECT:
+    a consistency model from a trained formulation=edm run): the same architecture, any process and objective."""
+    hint = "give a diffusion run's <run>/checkpoints/last.ckpt"
+    ckpt = read_checkpoint(path, what="init_ckpt", hint=hint)
+    check_generative(run_config(ckpt, path), path)
+    load_state_checked(net, sub_state(weights_to_sample(ckpt, path), "net."), source=f"init_ckpt {path}")
+
+
 def load_guide(path: str | os.PathLike, model, *, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The net of a guide checkpoint for autoguidance (Karras et al. 2024): a weaker model of the same kind
     (same process, objective and conditioning), e.g. an earlier checkpoint of the same run."""

@@ -41,7 +41,11 @@ def _ldm_text(tmp_path: Path) -> list[str]:
 
 
 def overrides_for(experiment: str, tmp_path: Path) -> list[str]:
-    if experiment in ("fashion_mnist", "ablation_formulation"):  # Fashion-MNIST at 8 px, a tiny net
+    if experiment in (
+        "fashion_mnist",
+        "ablation_formulation",
+        "ablation_few_step",
+    ):  # Fashion-MNIST, 8 px, tiny net
         accuracy = ["callbacks.class_accuracy.num_per_class=1", "callbacks.class_accuracy.sampler.steps=2"]
         return [
             *SMALL_NET,
@@ -110,3 +114,31 @@ def overrides_for(experiment: str, tmp_path: Path) -> list[str]:
             *_ldm_text(tmp_path),
         ]
     return []
+
+
+def train_few_step(formulation: str, overrides: list[str], out_dir: Path):
+    """Train `formulation=<few-step formulation>` with `overrides` (4 tiny steps), reload its checkpoint and check
+    that its own sampler draws finite, non-constant class-conditional images in 1 and 2 steps: (model, config)."""
+    import math
+
+    import torch
+
+    from diffusion_lab.checkpoints import load_system
+    from diffusion_lab.diffusion import get_sampler
+    from diffusion_lab.train import train
+
+    from conftest import compose
+
+    summary = train(compose("train", [*overrides, f"formulation={formulation}"], out_dir))
+    assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 4
+    model, config = load_system(out_dir / "checkpoints" / "last.ckpt")
+    assert (config["formulation"], config["model"]["objective"]) == (formulation, formulation)
+    for steps in (1, 2):
+        x = model.sample(
+            sampler=get_sampler(formulation, steps=steps),
+            num_samples=2,
+            cond={"class_labels": torch.tensor([0, 1])},
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and x.std() > 0
+    return model, config

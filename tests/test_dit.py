@@ -202,8 +202,8 @@ def test_an_experiments_unet_setting_under_a_dit_says_how_to_drop_it():
     assert errors(["model/net=dit_tiny"]) == [] == errors([])
     assert errors(["model/net=dit_tiny", "+model.net.attention_levels=[2]"]) == [
         "model.net.attention_levels is not an argument of DiT (it takes: context_dim, depth, frequency_dim, "
-        "hidden_size, in_channels, mlp_ratio, num_classes, num_heads, out_channels, patch_size; a config setting "
-        "it for another net is undone by '~model.net.attention_levels')"
+        "hidden_size, in_channels, mlp_ratio, num_classes, num_heads, out_channels, patch_size, two_time; a config "
+        "setting it for another net is undone by '~model.net.attention_levels')"
     ]
 
 

@@ -80,7 +80,10 @@ def test_unknown_prediction_type_lists_the_choices():
         lambda: get_objective("epsilon").target(x0, eps, alpha, sigma),
         lambda: get_objective("velocity").denoised(x0, x0, alpha, sigma),
     ):
-        with pytest.raises(ValueError, match="unknown objective '.*'; valid choices: edm, eps, flow, v, x0"):
+        with pytest.raises(
+            ValueError,
+            match="unknown objective '.*'; valid choices: consistency, edm, eps, flow, meanflow, shortcut, v, x0",
+        ):
             fn()
 
 

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from diffusion_lab.diffusion import SAMPLERS, Denoiser, Guidance, get_objective, get_process, get_sampler
+from diffusion_lab.diffusion import Denoiser, Guidance, get_objective, get_process, get_sampler
+from diffusion_lab.diffusion.samplers import denoiser_samplers
 
 
 def _diffusers():
@@ -194,7 +195,7 @@ def test_ddim_skips_to_the_next_listed_timestep():
 # ----------------------------------------------------------------------------------------------------------
 # Contracts, parametrised over the registry: a newly registered sampler is tested here automatically.
 
-ALL = list(SAMPLERS)
+ALL = denoiser_samplers()  # the few-step formulations' own samplers: tests/test_meanflow.py, ...
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -410,7 +411,10 @@ def test_bad_options_and_prediction_type_fail():
     with pytest.raises(ValueError, match="eta must be >= 0"):
         get_sampler("ddim", steps=5, eta=-0.1)
     schedule = get_process("linear")
-    with pytest.raises(ValueError, match="unknown objective 'epsilon'; valid choices: edm, eps, flow, v, x0"):
+    with pytest.raises(
+        ValueError,
+        match="unknown objective 'epsilon'; valid choices: consistency, edm, eps, flow, meanflow, shortcut, v, x0",
+    ):
         get_sampler("ddim", steps=5)(gaussian_toy(schedule, "eps"), x_T(), schedule, objective="epsilon")
     with pytest.raises(ValueError, match="repeats timesteps"):  # diffusers would divide by zero here
         get_sampler("dpmpp_2m", steps=1000, grid="leading")(gaussian_toy(schedule, "eps"), x_T(), schedule)

@@ -1,11 +1,24 @@
 """The diffusion maths: noise processes, objectives, noise-level distributions, loss weightings, grids,
 guidance and samplers."""
 
+from . import (
+    consistency,  # noqa: E402, F401  (registers the consistency objective, grid and sampler)
+    meanflow,  # noqa: E402, F401  (registers the meanflow objective and sampler)
+    shortcut,  # noqa: E402, F401  (registers the shortcut objective and sampler)
+)
 from .grids import GRIDS, Grid, make_grid
 from .guidance import Denoiser, Guidance
 from .losses import LOSS_WEIGHTINGS, diffusion_loss, get_loss_weighting
 from .noise_levels import NOISE_LEVELS, get_noise_levels
-from .objectives import OBJECTIVES, Objective, convert, get_objective, register_objective, training_loss
+from .objectives import (
+    OBJECTIVES,
+    LossInputs,
+    Objective,
+    convert,
+    get_objective,
+    register_objective,
+    training_loss,
+)
 from .processes import PROCESSES, Process, get_process
 from .registry import Registry
 from .samplers import SAMPLERS, Sampler, get_sampler, register_sampler, sampler_options
@@ -23,6 +36,7 @@ __all__ = [
     "DiscreteProcess",
     "Grid",
     "Guidance",
+    "LossInputs",
     "Objective",
     "Process",
     "Registry",

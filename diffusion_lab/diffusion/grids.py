@@ -9,6 +9,8 @@ records each point's (alpha, sigma). Grids:
 - karras: Karras et al. 2022, eq. 5 (rho = 7) between the process's ksigma range.
 - uniform: evenly spaced in the process's unit time (flow: t itself, from 1 to 1 / T), with SD3's shift.
 - exponential: evenly spaced in log ksigma (k-diffusion ``get_sigmas_exponential``).
+- even: ``steps`` equal steps of t from t_max to the clean end (flow: 1, 1 - 1/k, ..., 1/k, then 0): the k-step
+  grid of the few-step samplers (MeanFlow, shortcut models), whose nets are trained for exactly those intervals.
 Each grid has one starting convention (``register_grid(start=...)``), whatever the sampler: x_{t[0]} = x_T times
 sigma(t[0]) ('sigma': k-diffusion's x_T * sigma_max in its coordinates, as EDM) on karras and exponential, times
 sqrt(alpha^2 + sigma^2) ('unit': the std of x_t for unit-variance data, diffusers' DDIM) on the others.
@@ -181,6 +183,16 @@ def uniform(process: Process, steps: int, *, shift: float | None = None) -> tupl
     )
     u = shift_time(u, getattr(process, "shift", 1.0) if shift is None else shift)
     t = process.from_unit(u)
+    return t, process.ksigma(t)
+
+
+@register_grid("even")
+def even(process: Process, steps: int) -> tuple[Tensor, Tensor]:
+    """t_max (1 - i / steps), i = 0 .. steps - 1 (continuous processes): with the clean end, ``steps`` equal
+    intervals of t, no shift."""
+    if process.discrete:
+        raise ValueError(f"grid 'even' is for continuous processes (rectified_flow, ve); got {process.name}")
+    t = process.t_max * (1 - torch.arange(steps, dtype=torch.float64) / steps)
     return t, process.ksigma(t)
 
 

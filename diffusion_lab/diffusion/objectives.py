@@ -11,14 +11,16 @@ against x, e.g. from ``Process.alpha_sigma``), r = sqrt(alpha^2 + sigma^2) (1 fo
   with alpha and sigma so that it stays finite where alpha = 0. Its net sees c_in x_t and c_noise = ln(s) / 4
   (NVlabs/edm ``EDMPrecond``); the others see x_t and the process's own noise level (integer index, 1000 t, ...).
 Each objective is one registered class: ``denoised`` (F -> (x0_hat, eps_hat)), ``target`` ((x0, eps) -> F) and
-``x0_error_scale``. ``training_loss`` is the one training step every diffusion system calls.
+``x0_error_scale``. ``Objective.loss(LossInputs)`` is the one training step every diffusion system calls: the
+generic ``training_loss`` for these, the objective's own for the few-step ones (meanflow, shortcut, consistency),
+which need the net itself (a jvp, two evaluations, a target net).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +33,27 @@ from .utils import check_options
 
 Scalar = Tensor | float
 OBJECTIVES = Registry("objective")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossInputs:
+    """What one training step hands its objective's ``loss``: the net, a batch x0 (B, C, H, W) in diffusion space
+    and its condition (after CFG's condition dropout), the process, the training noise-level distribution and
+    loss weighting, and for few-step objectives ``null_condition(batch_size)`` (CFG's null condition; None for an
+    unconditional model), the optimizer ``step`` (curricula) and a ``target_net`` (e.g. the EMA weights; None:
+    the net itself)."""
+
+    net: Callable[..., Tensor]
+    x0: Tensor
+    process: Process
+    noise_levels: Callable[..., Tensor]
+    weighting: Callable[..., Tensor]
+    cond: dict[str, Tensor] = field(default_factory=dict)
+    null_condition: Callable[[int], dict[str, Tensor]] | None = None
+    generator: torch.Generator | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    step: int = 0
+    target_net: Callable[..., Tensor] | None = None
 
 
 def _sqrt(x: Scalar) -> Scalar:
@@ -62,6 +85,21 @@ class Objective:
     ) -> tuple[Tensor, Tensor]:
         """(x_in, noise_level) to call the net with at x_t, noise levels t (B,) and coefficients (alpha, sigma)."""
         return x_t, process.noise_level(t)
+
+    def loss(self, inputs: LossInputs) -> Tensor:
+        """The training loss of one batch (the seam every system calls): the generic ``training_loss`` here; a
+        few-step objective overrides it with its own (it gets the net, so it may take a jvp or call it twice)."""
+        return training_loss(
+            inputs.net,
+            inputs.x0,
+            process=inputs.process,
+            objective=self,
+            noise_levels=inputs.noise_levels,
+            weighting=inputs.weighting,
+            cond=inputs.cond,
+            generator=inputs.generator,
+            memory_format=inputs.memory_format,
+        )
 
 
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:

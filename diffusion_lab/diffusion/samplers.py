@@ -64,6 +64,7 @@ class _Spec:
     flavour: str  # how diffusers' scheduler it matches lays out that spacing (grids.FLAVOURS)
     grid: str | None  # a grid of its own (edm: karras) instead of the process's default
     grid_options: tuple[str, ...]  # flat options that shape the grid (set_alpha_to_one)
+    formulation: str | None = None  # a few-step sampler's formulation: it samples only its nets
 
 
 def register_sampler(
@@ -74,11 +75,14 @@ def register_sampler(
     flavour: str = "euler",
     grid: str | None = None,
     grid_options: Sequence[str] = (),
+    formulation: str | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register a sampler function under ``name``; ``nfe(steps)`` is its number of network evaluations."""
+    """Register a sampler function under ``name``; ``nfe(steps)`` is its number of network evaluations;
+    ``formulation``: the few-step formulation whose nets it alone samples (None: any denoiser)."""
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        SAMPLERS.register(name)(_Spec(fn, nfe, discrete_grid, flavour, grid, tuple(grid_options)))
+        spec = _Spec(fn, nfe, discrete_grid, flavour, grid, tuple(grid_options), formulation)
+        SAMPLERS.register(name)(spec)
         return fn
 
     return deco
@@ -458,6 +462,11 @@ class Sampler:
     @property
     def _grid_options(self) -> tuple[str, ...]:
         return SAMPLERS.get(self.name).grid_options
+
+
+def denoiser_samplers() -> list[str]:
+    """The samplers that run any denoiser on any process (every one but the few-step formulations' own)."""
+    return [name for name in SAMPLERS if SAMPLERS.get(name).formulation is None]
 
 
 def sampler_options(name: str) -> list[str]:

@@ -14,7 +14,8 @@ NET_ATTRIBUTES = ("in_channels", "out_channels", "num_classes", "context_dim", "
 
 @runtime_checkable
 class DenoisingNet(Protocol):
-    """A denoising net: `net(x, noise_level, *, class_labels=None, context=None, context_mask=None) -> out`.
+    """A denoising net: `net(x, noise_level, *, class_labels=None, context=None, context_mask=None,
+    second_level=None) -> out`.
 
     `x` (B, in_channels, H, W) is the net input (x_t, or EDM's c_in x_t); `noise_level` (B,) or () is what the
     objective feeds it: an integer DDPM index, 1000 t for flow, EDM's c_noise = ln(sigma) / 4 (any float);
@@ -22,7 +23,11 @@ class DenoisingNet(Protocol):
     embedding whose id `num_classes` is the null class of classifier-free guidance; `context_dim` (None: no
     text) is the width of the text tokens `context` (B, L, context_dim) the net cross-attends to, `context_mask`
     (B, L) marking the real ones. H and W must be multiples of `input_multiple` (a UNet's 2^(levels - 1), a
-    DiT's patch size).
+    DiT's patch size). `second_level` (B,) or () is an optional second time, accepted only by a net built with
+    `two_time=True` (`accepts_second_level`): MeanFlow's interval t - r or the shortcut step size d, in the
+    noise level's own scale (1000 d for 1000 t), default 0 (the instantaneous velocity); it is embedded like the
+    noise level by its own MLP, zero at its output, and added to the time embedding, so such a net starts equal
+    to the one-time net.
     """
 
     in_channels: int
@@ -39,6 +44,7 @@ class DenoisingNet(Protocol):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        second_level: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -81,6 +87,17 @@ def condition_layers(
     return time_mlp, (nn.Embedding(num_classes + 1, dim) if num_classes is not None else None)
 
 
+def second_level_layer(frequency_dim: int, dim: int, *, enabled: bool) -> nn.Module | None:
+    """The MLP of a two-time net's second level (frequency_dim -> dim), its output layer zero so the net starts
+    equal to the one-time net; None (no parameters, the one-time net's state dict) when not `enabled`."""
+    if not enabled:
+        return None
+    mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
+
+
 def embed_condition(
     net: nn.Module,
     x: torch.Tensor,
@@ -89,11 +106,27 @@ def embed_condition(
     context: torch.Tensor | None,
     *,
     frequency_dim: int,
+    second_level: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The conditioning prologue of UNet and DiT: net.time_mlp(sinusoidal(noise_level)) plus net.class_emb of the
-    class ids (``class_ids``: the null class when none is given), (B, dim); a 0-d noise level is broadcast."""
+    class ids (``class_ids``: the null class when none is given), plus net.second_level_mlp(sinusoidal(
+    second_level)) when given, (B, dim); 0-d levels are broadcast. ValueError for a second level given to a net
+    built without `two_time=True`; a two-time net called without one takes 0 (r = t, d = 0: the
+    instantaneous velocity, so every multi-step sampler runs it)."""
     if noise_level.ndim == 0:
         noise_level = noise_level.expand(x.shape[0])
-    emb = net.time_mlp(timestep_embedding(noise_level, frequency_dim))  # (B, dim)
+    emb = net.time_mlp(timestep_embedding(noise_level, frequency_dim).to(x.dtype))  # (B, dim)
+    if second_level is not None and net.second_level_mlp is None:
+        raise ValueError(
+            f"second_level given to a {type(net).__name__} built without two_time=True "
+            "(model.net.two_time: true makes a two-time net)"
+        )
+    if (
+        net.second_level_mlp is not None
+    ):  # None: 0, the instantaneous velocity (MeanFlow r = t, shortcut d = 0)
+        second_level = torch.zeros_like(noise_level) if second_level is None else second_level
+        if second_level.ndim == 0:
+            second_level = second_level.expand(x.shape[0])
+        emb = emb + net.second_level_mlp(timestep_embedding(second_level, frequency_dim).to(x.dtype))
     labels = class_ids(net, class_labels, context, x)  # (B,) or None
     return emb if labels is None else emb + net.class_emb(labels)

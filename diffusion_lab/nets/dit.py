@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from diffusion_lab.nets.base import condition_layers, embed_condition
+from diffusion_lab.nets.base import condition_layers, embed_condition, second_level_layer
 from diffusion_lab.nets.layers import Attention, zero_init
 
 
@@ -116,6 +116,7 @@ class DiT(nn.Module):
         num_classes: int | None = None,
         context_dim: int | None = None,
         frequency_dim: int = 256,
+        two_time: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -140,6 +141,9 @@ class DiT(nn.Module):
         )
         self.final = FinalLayer(hidden_size, patch_size=patch_size, out_channels=self.out_channels)
         self.init_weights()
+        # last, so a one-time net's parameters (names, order, random init) are exactly as before
+        self.accepts_second_level = two_time
+        self.second_level_mlp = second_level_layer(frequency_dim, hidden_size, enabled=two_time)
 
     def init_weights(self) -> None:
         """DiT's `initialize_weights`: Xavier-uniform linear layers (and patch embedding) with zero biases, N(0,
@@ -172,6 +176,7 @@ class DiT(nn.Module):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        second_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
         p = self.patch_size
         _, _, height, width = x.shape  # (B, C, H, W)
@@ -179,7 +184,13 @@ class DiT(nn.Module):
             raise ValueError(f"DiT with patch_size {p} needs H and W multiples of {p}, got {height}x{width}")
         h, w = height // p, width // p
         c = embed_condition(
-            self, x, noise_level, class_labels, context, frequency_dim=self.frequency_dim
+            self,
+            x,
+            noise_level,
+            class_labels,
+            context,
+            frequency_dim=self.frequency_dim,
+            second_level=second_level,
         )  # (B, D)
         tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # (B, N, D), N = h w
         tokens = tokens + sincos_2d(h, w, self.hidden_size).to(device=x.device, dtype=tokens.dtype)

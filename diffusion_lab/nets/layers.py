@@ -27,8 +27,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000.0
     if t.ndim != 1:
         raise ValueError(f"timesteps must have shape (B,), got {tuple(t.shape)}")
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # float64 levels stay exact (tests)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.nets.base import condition_layers, embed_condition
+from diffusion_lab.nets.base import condition_layers, embed_condition, second_level_layer
 from diffusion_lab.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, zero_init
 
 
@@ -83,6 +83,7 @@ class UNet(nn.Module):
         cross_attention_levels: Sequence[int] | None = None,
         scale_shift: bool = True,
         norm_groups: int = 32,
+        two_time: bool = False,
     ) -> None:
         super().__init__()
         channel_mult, attention_levels = tuple(channel_mult), tuple(attention_levels)
@@ -102,6 +103,7 @@ class UNet(nn.Module):
             cross_attention_levels=None if cross_attention_levels is None else list(cross_levels),
             scale_shift=scale_shift,
             norm_groups=norm_groups,
+            **({"two_time": True} if two_time else {}),  # one-time nets keep their old kwargs
         )
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
@@ -121,6 +123,9 @@ class UNet(nn.Module):
         self.norm_out = group_norm(base_channels * channel_mult[0], norm_groups)
         self.conv_out = nn.Conv2d(base_channels * channel_mult[0], self.out_channels, 3, padding=1)
         self.init_weights()
+        # last, so a one-time net's parameters (names, order, random init) are exactly as before
+        self.accepts_second_level = two_time
+        self.second_level_mlp = second_level_layer(base_channels, emb_dim, enabled=two_time)
 
     def _build_down(
         self, block: _Blocks, channel_mult: tuple[int, ...], num_res_blocks: int
@@ -165,9 +170,16 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        second_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
         emb = embed_condition(
-            self, x, noise_level, class_labels, context, frequency_dim=self.base_channels
+            self,
+            x,
+            noise_level,
+            class_labels,
+            context,
+            frequency_dim=self.base_channels,
+            second_level=second_level,
         )  # (B, E)
 
         h = self.conv_in(x)  # (B, C, H, W)

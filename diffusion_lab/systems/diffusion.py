@@ -8,13 +8,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from diffusion_lab.checkpoints import load_init_net
 from diffusion_lab.diffusion import (
     Guidance,
+    LossInputs,
     Process,
     get_loss_weighting,
     get_noise_levels,
     get_objective,
-    training_loss,
 )
 from diffusion_lab.diffusion.utils import randn_like
 from diffusion_lab.nets.base import DenoisingNet, check_denoising_net
@@ -28,7 +29,8 @@ class DiffusionSystem(L.LightningModule):
 
     `process` and `objective` + `objective_opts` (e.g. {sigma_data: 0.5} for edm) choose the formulation;
     `noise_levels` (+ opts) draws training t (uniform, log_normal, logit_normal). `encode` / `decode` map
-    images to the diffusion space and back (identity here; the latent system overrides them).
+    images to the diffusion space and back (identity here; the latent system overrides them). `init_ckpt`: a
+    diffusion checkpoint whose net weights (EMA) the net starts from (ECT's start from a trained edm run).
     Conditioning: `condition(labels=, prompts=)` (a batch's `label` -> `class_labels`). `clip_x0`: sampling
     clips x0_hat to [-1, 1], the range of pixels (the latent system turns it off: latents are unbounded).
     """
@@ -51,6 +53,7 @@ class DiffusionSystem(L.LightningModule):
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         channels_last: bool = False,
+        init_ckpt: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob <= 1.0:
@@ -70,6 +73,8 @@ class DiffusionSystem(L.LightningModule):
                 "(zero terminal SNR, flow at t = 1): use model.objective=v, x0 or flow"
             )
         check_denoising_net(net)
+        if init_ckpt is not None:  # start from a trained run's net (ECT: consistency from an edm checkpoint)
+            load_init_net(self.net, init_ckpt)
         self.noise_levels = get_noise_levels(noise_levels, **(noise_levels_opts or {}))
         self.loss_weight = get_loss_weighting(loss_weighting, **(loss_weighting_opts or {}))
         self.cond_drop_prob = cond_drop_prob
@@ -161,16 +166,19 @@ class DiffusionSystem(L.LightningModule):
             )
         cond = self.condition(labels=labels, prompts=prompts)
         cond = self.drop_condition(cond) if self.training else cond
-        return training_loss(
-            self.net,
-            x0,
-            process=self.process,
-            objective=self.objective,
-            noise_levels=self.noise_levels,
-            weighting=self.loss_weight,
-            cond=cond,
-            generator=generator,
-            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format,
+        return self.objective.loss(  # the one seam: generic, or a few-step objective's own loss
+            LossInputs(
+                net=self.net,
+                x0=x0,
+                process=self.process,
+                noise_levels=self.noise_levels,
+                weighting=self.loss_weight,
+                cond=cond,
+                null_condition=self.null_condition if self.is_conditional else None,
+                generator=generator,
+                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format,
+                step=self.global_step,
+            )
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
