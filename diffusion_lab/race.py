@@ -272,25 +272,13 @@ def train_diffusers(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """train_unconditional.py's loop (DDPM eps, AdamW, cosine LR with warm-up, EMAModel, clipping) for the budget."""
     import torch
     import torch.nn.functional as F
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     p = spec["peer"]
     torch.manual_seed(spec["seed"])
-    ch = [int(c) for c in p["block_out_channels"]]
-    down = ["DownBlock2D"] * (len(ch) - 1) + ["AttnDownBlock2D"]
-    model = UNet2DModel(
-        sample_size=32,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=int(p["layers_per_block"]),
-        block_out_channels=ch,
-        down_block_types=down,
-        up_block_types=["AttnUpBlock2D"] + ["UpBlock2D"] * (len(ch) - 1),
-        num_class_embeds=10,
-        norm_num_groups=int(p["norm_num_groups"]),
-    )
+    model = _diffusers_unet(p)
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=int(p["train_timesteps"]),
         beta_schedule=p["beta_schedule"],
@@ -341,6 +329,32 @@ def train_diffusers(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         steps, images = steps + 1, images + len(clean)
     info = _train_info(clock, steps, images, float(loss), params=model)
     ema.copy_to(model.parameters())
+    return {"rows": {"diffusers": _sample_diffusers(model, noise_scheduler, spec)}, **info}
+
+
+def _diffusers_unet(p: dict[str, Any]):
+    """The class-conditional UNet2DModel of the diffusers contender, sized by the peer settings `p`."""
+    from diffusers import UNet2DModel
+
+    ch = [int(c) for c in p["block_out_channels"]]
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=int(p["layers_per_block"]),
+        block_out_channels=ch,
+        down_block_types=["DownBlock2D"] * (len(ch) - 1) + ["AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D"] + ["UpBlock2D"] * (len(ch) - 1),
+        num_class_embeds=10,
+        norm_num_groups=int(p["norm_num_groups"]),
+    )
+
+
+def _sample_diffusers(model, noise_scheduler, spec: dict[str, Any]) -> dict[str, Any]:
+    """DDIM at `spec["nfe"]` steps on the (EMA) model, no guidance: the diffusers contender's row."""
+    import torch
+    from diffusers import DDIMScheduler
+
     model.eval()
     n, nfe = spec["num_samples"], spec["nfe"]
     labels = _balanced(n)
@@ -356,8 +370,7 @@ def train_diffusers(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         return x
 
     samples = _draw_all(draw, labels, spec)
-    row = _sample_row(samples, labels, nfe=nfe, how=f"DDIM {nfe} (EMA weights), no guidance")
-    return {"rows": {"diffusers": row}, **info}
+    return _sample_row(samples, labels, nfe=nfe, how=f"DDIM {nfe} (EMA weights), no guidance")
 
 
 def train_ours(spec: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ LAYERS = {
         "instantiate",
         "write_captions",
         "export",
+        "race",
     ],
 }
 MAX_FUNCTION_LINES = 80
