@@ -43,5 +43,16 @@ def compose(config_name: str, overrides: list[str], out_dir: Path):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for a test (files opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    stored reference outputs were drawn on one thread (two sum convolutions in another order), and on a shared,
+    loaded CPU two threads are several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)

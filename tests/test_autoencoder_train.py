@@ -36,12 +36,7 @@ TINY_AE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def test_mnist_autoencoder_experiment_writes_last_ckpt_with_scale_factor(tmp_path):

@@ -23,13 +23,7 @@ from diffusion_lab.train import train
 
 from conftest import TINY, compose
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def test_fid_logged_during_training_matches_recomputation(tmp_path):

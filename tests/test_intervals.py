@@ -27,13 +27,7 @@ from diffusion_lab.metrics.kid import kid_resampled, mmd2_unbiased, polynomial_k
 from diffusion_lab.metrics.prdc import prdc_resampled, precision_recall
 from diffusion_lab.metrics.scoring import accuracy_with_interval, score_with_intervals
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _features(seed: int, n: int, d: int, shift: float = 0.0) -> np.ndarray:

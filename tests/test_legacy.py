@@ -15,14 +15,7 @@ DATA = Path(__file__).parent / "data" / "legacy"
 REFERENCE = np.load(DATA / "reference_samples.npz")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The stored images were drawn on one thread: with two, a convolution sums in another order and the 1e-7
-    difference grows to 1e-4 on one pixel of v_cosine_uncond/heun's 5 steps (seen here, on main before too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.mark.parametrize("key", sorted(REFERENCE.files))

@@ -31,14 +31,7 @@ from diffusion_lab.metrics.prdc import precision_recall
 from diffusion_lab.metrics.scores import conditional_accuracy, inception_score
 from diffusion_lab.nets.classifier import ConvClassifier
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU two threads are several times slower (spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
