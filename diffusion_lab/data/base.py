@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -63,6 +64,13 @@ def data_error(
 def folder_is_empty(path: Path) -> bool:
     """True for an existing directory without any entry (hidden files ignored)."""
     return path.is_dir() and not any(not p.name.startswith(".") for p in path.iterdir())
+
+
+def folder_problem(path: Path) -> str | None:
+    """What is wrong with a data folder: it does not exist or is empty (`folder_is_empty`); None if neither."""
+    if not path.is_dir():
+        return "the folder does not exist"
+    return "the folder is empty" if folder_is_empty(path) else None
 
 
 # ------------------------------------------------------------------------------------------ download
@@ -262,21 +270,9 @@ def held_out_val(n_train: int, n_total: int, *, val_fraction: float, seed: int) 
     return [train, np.sort(val), np.arange(n_train, n_total)]
 
 
-SHARED_ARGS = (
-    "image_size",
-    "channels",
-    "seed",
-    "captions",
-    "hflip",
-    "batch_size",
-    "num_workers",
-    "pin_memory",
-)
-
-
-def shared_args(args: dict) -> dict:
-    """The BaseDataModule arguments among a data module constructor's `locals()`."""
-    return {k: args[k] for k in SHARED_ARGS if k in args}
+def init_args(args: dict[str, Any], *leave_out: str) -> dict[str, Any]:
+    """A data module constructor's `locals()` as keyword arguments of its base's (without self, `leave_out`)."""
+    return {k: v for k, v in args.items() if k not in ("self", "__class__", *leave_out)}
 
 
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -303,6 +299,10 @@ class BaseDataModule(L.LightningDataModule):
     channels: int = 3
     image_size: int = 32
 
+    data_dir: Path | None
+    fractions: tuple[float, float, float]
+    val_fraction: float
+
     def __init__(
         self,
         *,
@@ -314,7 +314,10 @@ class BaseDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
+        **settings: Any,
     ) -> None:
+        """`settings`, a module's own arguments (`init_args`), are kept as attributes of their names: `data_dir`
+        as a Path, `val_fraction` checked (`split_fractions`) and, with a `test_fraction`, both as `fractions`."""
         super().__init__()
         self.image_size = image_size
         self.channels = channels
@@ -327,6 +330,15 @@ class BaseDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        if "test_fraction" in settings:
+            fractions = {k: settings.pop(k) for k in ("val_fraction", "test_fraction")}
+            settings["fractions"] = split_fractions(**fractions)
+        elif "val_fraction" in settings:
+            split_fractions(val_fraction=settings["val_fraction"])
+        if settings.get("data_dir") is not None:
+            settings["data_dir"] = Path(settings["data_dir"])
+        for name, value in settings.items():
+            setattr(self, name, value)
 
     def label_captioner(self, labels: np.ndarray, *, style: str = "photo") -> LabelCaptioner | None:
         """Captions from the class names in one template style when `captions` is on, else None."""
@@ -366,6 +378,19 @@ class BaseDataModule(L.LightningDataModule):
         )
         self.val_set = ImageDataset(source, val, transform=ImageTransform(**tf), **kw)
         self.test_set = ImageDataset(source, test, transform=ImageTransform(**tf), **kw)
+
+    def _labelled_splits(
+        self, images: np.ndarray, labels: np.ndarray, *, n_train: int | None = None, style: str = "photo"
+    ) -> None:
+        """Splits of labelled uint8 images in memory, captioned from the class names in `style`: the items after
+        `n_train` are an official test set and a seeded `val_fraction` of the others is held out (`held_out_val`),
+        or with `n_train=None` the seeded `fractions` of all."""
+        if n_train is None:
+            parts = seeded_split(len(images), self.fractions, self.seed)
+        else:
+            parts = held_out_val(n_train, len(images), val_fraction=self.val_fraction, seed=self.seed)
+        captioner = self.label_captioner(labels, style=style)
+        self._make_splits(ArraySource(images), parts, labels=labels, captioner=captioner)
 
     def _loader(self, ds: Dataset | None, *, shuffle: bool, drop_last: bool = False) -> DataLoader:
         if ds is None:

@@ -16,7 +16,8 @@ from diffusion_lab.data.base import (
     FileSource,
     data_error,
     folder_is_empty,
-    shared_args,
+    folder_problem,
+    init_args,
 )
 from diffusion_lab.data.captioners import AttributeCaptioner
 from diffusion_lab.data.phrases import Phrase, Vocabulary
@@ -235,17 +236,12 @@ class CelebADataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(**shared_args(locals()))
-        self.data_dir = Path(data_dir)
-        self.crop_size = crop_size
-        self.skip_corrupt = skip_corrupt
+        super().__init__(**init_args(locals()))
 
     def _image_dir(self) -> Path:
         d = self.data_dir
-        if not d.is_dir():
-            raise _error(d, "the folder does not exist")
-        if folder_is_empty(d):
-            raise _error(d, "the folder is empty")
+        if problem := folder_problem(d):
+            raise _error(d, problem)
         for cand in (d / "img_align_celeba" / "img_align_celeba", d / "img_align_celeba"):
             if cand.is_dir():
                 if folder_is_empty(cand):

@@ -13,15 +13,12 @@ from typing import Any
 import numpy as np
 
 from diffusion_lab.data.base import (
-    ArraySource,
     BaseDataModule,
     DataError,
     data_error,
     download_url,
-    folder_is_empty,
-    held_out_val,
-    shared_args,
-    split_fractions,
+    folder_problem,
+    init_args,
 )
 
 
@@ -85,12 +82,8 @@ def _read_raw(data_dir: Path, spec: CIFARSpec) -> dict[str, bytes]:
     """The raw bytes of every pickle, from the extracted folder or streamed out of the tarball."""
     where = _present(data_dir, spec)
     if where is None:
-        problem = (
-            "the folder does not exist"
-            if not data_dir.is_dir()
-            else "the folder is empty"
-            if folder_is_empty(data_dir)
-            else f"neither {spec.archive} nor a complete {spec.folder}/ was found "
+        problem = folder_problem(data_dir) or (
+            f"neither {spec.archive} nor a complete {spec.folder}/ was found "
             f"(found: {', '.join(sorted(p.name for p in data_dir.iterdir())[:8])})"
         )
         raise data_error(
@@ -219,11 +212,7 @@ class CIFAR10DataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(**shared_args(locals()))
-        self.data_dir = Path(data_dir)
-        self.download = download
-        split_fractions(val_fraction=val_fraction)  # checked here, one line
-        self.val_fraction = val_fraction
+        super().__init__(**init_args(locals()))
 
     def prepare_data(self) -> None:
         """Download and checksum the tarball (Lightning calls this on one process per node)."""
@@ -237,12 +226,8 @@ class CIFAR10DataModule(BaseDataModule):
         d = read_cifar(self.data_dir, self.spec, label_key=self._label_key, names_key=self._names_key)
         self.class_names = d["class_names"]
         self.num_classes = len(self.class_names)
-        images = np.concatenate([d["train_images"], d["test_images"]])
-        labels = np.concatenate([d["train_labels"], d["test_labels"]])
-        parts = held_out_val(
-            len(d["train_images"]), len(images), val_fraction=self.val_fraction, seed=self.seed
-        )
-        self._make_splits(ArraySource(images), parts, labels=labels, captioner=self.label_captioner(labels))
+        images, labels = (np.concatenate([d[f"train_{k}"], d[f"test_{k}"]]) for k in ("images", "labels"))
+        self._labelled_splits(images, labels, n_train=len(d["train_images"]))
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
@@ -270,9 +255,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
     ) -> None:
         if label_type not in ("fine", "coarse"):
             raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")
-        super().__init__(
-            **{k: v for k, v in locals().items() if k not in ("self", "__class__", "label_type")}
-        )
+        super().__init__(**init_args(locals(), "label_type"))
         self.label_type = label_type
         self.num_classes = 100 if label_type == "fine" else 20
         self._label_key, self._names_key = f"{label_type}_labels", f"{label_type}_label_names"

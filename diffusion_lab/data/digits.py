@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, shared_args, split_fractions
+from diffusion_lab.data.base import BaseDataModule, init_args
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -37,13 +37,9 @@ class DigitsDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(**shared_args(locals()))
-        self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
+        super().__init__(**init_args(locals()))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        images, labels = load_digits_uint8()
-        parts = seeded_split(len(images), self.fractions, self.seed)
-        captioner = self.label_captioner(labels, style="handwritten")
-        self._make_splits(ArraySource(images), parts, labels=labels, captioner=captioner)
+        self._labelled_splits(*load_digits_uint8(), style="handwritten")

@@ -14,10 +14,9 @@ from diffusion_lab.data.base import (
     DataError,
     FileSource,
     data_error,
-    folder_is_empty,
+    folder_problem,
+    init_args,
     seeded_split,
-    shared_args,
-    split_fractions,
 )
 from diffusion_lab.data.captioners import Captioner, LabelCaptioner, TextCaptioner
 
@@ -47,10 +46,8 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray | 
     def error(problem: str) -> DataError:
         return data_error("image folder", root, problem, layout=FOLDER_LAYOUT, source=FOLDER_SOURCE)
 
-    if not root.is_dir():
-        raise error("the folder does not exist")
-    if folder_is_empty(root):
-        raise error("the folder is empty")
+    if problem := folder_problem(root):
+        raise error(problem)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [(d.name, _images(d, recursive=True)) for d in subdirs]
     per_class = [(name, files) for name, files in per_class if files]
@@ -94,11 +91,7 @@ class ImageFolderDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(**shared_args(locals()))
-        self.data_dir = Path(data_dir)
-        self.crop_size = crop_size
-        self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
-        self.skip_corrupt = skip_corrupt
+        super().__init__(**init_args(locals()))
         self._scan: tuple[list[str], np.ndarray | None, list[str] | None] | None = None
 
     def _scanned(self) -> tuple[list[str], np.ndarray | None, list[str] | None]:

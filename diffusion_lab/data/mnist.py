@@ -12,15 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_lab.data.base import (
-    ArraySource,
     BaseDataModule,
     DataError,
     data_error,
     download_url,
-    folder_is_empty,
-    held_out_val,
-    shared_args,
-    split_fractions,
+    folder_problem,
+    init_args,
 )
 from diffusion_lab.data.digits import DIGIT_NAMES
 
@@ -132,14 +129,7 @@ def find_idx_files(data_dir: str | os.PathLike | None, spec: IdxSpec) -> dict[st
         searched = ", ".join(spec.system_dirs)
         problem = f"no files found in {searched}" if searched else "no data_dir was given"
     else:
-        d = Path(data_dir)
-        problem = (
-            "the folder does not exist"
-            if not d.is_dir()
-            else "the folder is empty"
-            if folder_is_empty(d)
-            else "the idx files are missing or incomplete"
-        )
+        problem = folder_problem(Path(data_dir)) or "the idx files are missing or incomplete"
     raise data_error(spec.name, data_dir, problem, layout=layout, source=spec.home, hint=hint)
 
 
@@ -187,11 +177,7 @@ class MNISTDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(**shared_args(locals()))
-        self.data_dir = Path(data_dir) if data_dir is not None else None
-        self.download = download
-        split_fractions(val_fraction=val_fraction)  # checked here, one line
-        self.val_fraction = val_fraction
+        super().__init__(**init_args(locals()))
         self.class_names = list(self.spec.class_names)
 
     def _found(self) -> bool:
@@ -215,13 +201,8 @@ class MNISTDataModule(BaseDataModule):
             return
         self.prepare_data()
         d = read_idx_dataset(self.data_dir, self.spec)
-        images = np.concatenate([d["train_images"], d["test_images"]])
-        labels = np.concatenate([d["train_labels"], d["test_labels"]])
-        parts = held_out_val(
-            len(d["train_images"]), len(images), val_fraction=self.val_fraction, seed=self.seed
-        )
-        captioner = self.label_captioner(labels, style=self.spec.caption_style)
-        self._make_splits(ArraySource(images), parts, labels=labels, captioner=captioner)
+        images, labels = (np.concatenate([d[f"train_{k}"], d[f"test_{k}"]]) for k in ("images", "labels"))
+        self._labelled_splits(images, labels, n_train=len(d["train_images"]), style=self.spec.caption_style)
 
 
 class FashionMNISTDataModule(MNISTDataModule):

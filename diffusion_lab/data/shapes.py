@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion_lab.data.base import ArraySource, BaseDataModule, seeded_split, shared_args, split_fractions
+from diffusion_lab.data.base import ArraySource, BaseDataModule, init_args, seeded_split
 from diffusion_lab.data.captioners import Captioner
 from diffusion_lab.data.phrases import Phrase, Vocabulary, compose_caption
 
@@ -201,11 +201,9 @@ class ShapesDataModule(BaseDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(**shared_args(locals()))
         if num_images < 3:
             raise ValueError(f"num_images must be >= 3 (one per split), got {num_images}")
-        self.num_images = num_images
-        self.fractions = split_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
+        super().__init__(**init_args(locals()))
         self.item_attributes: list[dict[str, str]] = []
 
     def setup(self, stage: str | None = None) -> None:
