@@ -77,51 +77,21 @@ def net_yaml(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 PRESETS: dict[str, Preset] = {
-    # the quickstart's net (conf/model/net/unet_small.yaml) on 16x16 digits, class-conditional
-    "quickstart": Preset(
-        name="quickstart",
-        image_size=16,
-        net=net_yaml("unet_small", in_channels=1),
-        batch_cpu=64,
-        batch_gpu=256,
-    ),
-    # the DDPM CIFAR-10 net (conf/model/net/unet.yaml: 35.7M parameters), unconditional, 32x32
-    "cifar": Preset(
-        name="cifar",
-        image_size=32,
-        net=net_yaml("unet", in_channels=3),
-        batch_cpu=8,
-        batch_gpu=128,
-        sample_batch_cpu=8,
-    ),
-    # experiment=fashion_mnist's UNet: unet_small with attention at 8x8, class-conditional, 32 px, batch 32
-    "fashion": Preset(
-        name="fashion",
-        image_size=32,
-        net=net_yaml("unet_fashion", in_channels=1),
-        batch_cpu=32,
-        batch_gpu=256,
-    ),
-    # conf/model/net/dit_tiny.yaml on the same data, against the fashion UNet (similar FLOPs)
-    "fashion_dit": Preset(
-        name="fashion_dit",
-        image_size=32,
-        kind="dit",
-        versus="fashion",
-        net=net_yaml("dit_tiny", in_channels=1),
-        batch_cpu=32,
-        batch_gpu=256,
-    ),
-    # DiT-S/2 (conf/model/net/dit_s.yaml) on 32x32x4 latents with ImageNet's 1000 classes
-    "dit_s": Preset(
-        name="dit_s",
-        image_size=32,
-        kind="dit",
-        net=net_yaml("dit_s", in_channels=4, num_classes=1000),
-        batch_cpu=8,
-        batch_gpu=256,
-        sample_batch_cpu=8,
-    ),
+    p.name: p  # Preset(name, image_size, net, batch_cpu, batch_gpu, kind="unet", ...)
+    for p in (
+        # the quickstart's net (conf/model/net/unet_small.yaml) on 16x16 digits, class-conditional
+        Preset("quickstart", 16, net_yaml("unet_small", in_channels=1), 64, 256),
+        # the DDPM CIFAR-10 net (conf/model/net/unet.yaml: 35.7M parameters), unconditional, 32x32
+        Preset("cifar", 32, net_yaml("unet", in_channels=3), 8, 128, sample_batch_cpu=8),
+        # experiment=fashion_mnist's UNet: unet_small with attention at 8x8, class-conditional, 32 px, batch 32
+        Preset("fashion", 32, net_yaml("unet_fashion", in_channels=1), 32, 256),
+        # conf/model/net/dit_tiny.yaml on the same data, against the fashion UNet (similar FLOPs)
+        Preset("fashion_dit", 32, net_yaml("dit_tiny", in_channels=1), 32, 256, "dit", versus="fashion"),
+        # DiT-S/2 (conf/model/net/dit_s.yaml) on 32x32x4 latents with ImageNet's 1000 classes
+        Preset(
+            "dit_s", 32, net_yaml("dit_s", in_channels=4, num_classes=1000), 8, 256, "dit", sample_batch_cpu=8
+        ),
+    )
 }
 NETS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
 
