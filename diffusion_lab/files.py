@@ -85,12 +85,17 @@ def checksum_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}{CHECKSUM_SUFFIX}")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in chunks) with a hashlib algorithm: sha256, md5, sha1, ..."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
 
 
 def recorded_checksums(path: str | os.PathLike) -> list[str]:

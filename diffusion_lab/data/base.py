@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffusion_lab.data.captioners import Captioner, LabelCaptioner
 from diffusion_lab.data.resumable import ResumableDataLoader
 from diffusion_lab.data.transforms import ImageTransform
+from diffusion_lab.files import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,9 @@ def folder_problem(path: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ download
-def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex MD5 of a file, read in chunks."""
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def md5sum(path: str | os.PathLike) -> str:
+    """Hex MD5 of a file."""
+    return file_digest(path, "md5")
 
 
 def download_url(url: str, dest: str | os.PathLike, *, md5: str | None = None, timeout: float = 60.0) -> Path:

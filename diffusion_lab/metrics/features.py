@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from diffusion_lab.checkpoints import load_classifier
 from diffusion_lab.diffusion.registry import Registry
-from diffusion_lab.files import package_file
+from diffusion_lab.files import file_digest, package_file
 from diffusion_lab.nets.classifier import ConvClassifier
 
 FEATURE_EXTRACTORS = Registry("feature extractor")
@@ -74,14 +73,6 @@ def tf1_bilinear_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (size, size, 2) as (x, y)
     grid = grid.unsqueeze(0).expand(b, -1, -1, -1).to(images.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha1(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_fingerprint(module: nn.Module, **extra: Any) -> str:
@@ -298,7 +289,7 @@ class InceptionFeatures(FeatureExtractor):
 
             return f"torch_fidelity-{torch_fidelity.__version__}-inception-v3-compat"
         if self._sha1 is None:
-            self._sha1 = file_sha1(self.weights)
+            self._sha1 = file_digest(self.weights, "sha1")
         return f"torchscript-{self._sha1}"
 
     def _extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
