@@ -42,8 +42,7 @@ import torch
 from torch import Tensor
 
 from .grids import GRIDS, Grid, make_grid
-from .guidance import Callback, Denoiser, Guidance, Model
-from .objectives import Objective, get_objective
+from .guidance import Denoiser, Model
 from .processes import Process
 from .registry import Registry
 from .utils import check_options, keyword_options
@@ -162,7 +161,8 @@ def euler_ancestral(denoise: Denoiser, x: Tensor, grid: Grid, *, eta: float = 1.
     return x * grid.alpha_k[-1]
 
 
-def _heun(
+@register_sampler("edm", nfe=lambda steps: 2 * steps - 1, grid="karras")
+def edm(
     denoise: Denoiser,
     x: Tensor,
     grid: Grid,
@@ -172,8 +172,9 @@ def _heun(
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
 ) -> Tensor:
-    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2; NVlabs/edm ``edm_sampler``): raise sigma by gamma
-    with fresh noise (churn), then a Heun step; Euler on the last step to sigma = 0. No churn: Alg. 1."""
+    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2; NVlabs/edm ``edm_sampler``), by default on the rho = 7
+    grid: raise sigma by gamma with fresh noise (churn: S_churn, S_tmin, S_tmax, S_noise), then a Heun step; Euler
+    on the last step to sigma = 0. No churn: Alg. 1. 18 steps = 35 NFE is the paper's CIFAR-10 setting."""
     ks = grid.ksigma
     x = grid.start(x, "k")
     for i in denoise.progress(grid.steps):
@@ -196,23 +197,7 @@ def _heun(
 @register_sampler("heun", nfe=lambda steps: 2 * steps - 1)
 def heun(denoise: Denoiser, x: Tensor, grid: Grid) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); as diffusers' HeunDiscreteScheduler."""
-    return _heun(denoise, x, grid)
-
-
-@register_sampler("edm", nfe=lambda steps: 2 * steps - 1, grid="karras")
-def edm(
-    denoise: Denoiser,
-    x: Tensor,
-    grid: Grid,
-    *,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """EDM's sampler (Karras et al. 2022, Alg. 2) on the rho = 7 grid: Heun with optional churn (S_churn,
-    S_tmin, S_tmax, S_noise); 18 steps = 35 NFE is the paper's CIFAR-10 setting."""
-    return _heun(denoise, x, grid, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    return edm(denoise, x, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,23 +402,10 @@ class Sampler:
         end = "clean" if self.opts.get("set_alpha_to_one", True) else "t_min"
         return make_grid(process, self.steps, name, flavour=spec.flavour, end=end, **grid_opts)
 
-    def __call__(
-        self,
-        model: Model,
-        x_T: Tensor,
-        process: Process,
-        *,
-        objective: str | Objective = "eps",
-        cond: dict[str, Any] | None = None,
-        uncond: dict[str, Any] | None = None,
-        guidance: Guidance | None = None,
-        clip_x0: bool = False,
-        generator: torch.Generator | None = None,
-        callback: Callback | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """Denoise x_T ~ N(0, I) into x0 (float32). ``clip_x0``: clip x0_hat to [-1, 1] (pixel data);
-        ``callback(i, x_t, x0_hat)`` runs after each step."""
+    def __call__(self, model: Model, x_T: Tensor, process: Process, **denoiser: Any) -> Tensor:
+        """Denoise x_T ~ N(0, I) into x0 (float32). ``denoiser``: the Denoiser's keyword arguments: ``objective``,
+        ``cond``, ``uncond``, ``guidance``, ``clip_x0`` (clip x0_hat to [-1, 1]: pixel data), ``generator``,
+        ``callback`` (``callback(i, x_t, x0_hat)`` runs after each step) and ``progress``."""
         if process.discrete and self.steps > process.num_timesteps:
             raise ValueError(
                 f"steps={self.steps} exceeds the schedule's num_timesteps={process.num_timesteps}"
@@ -441,19 +413,7 @@ class Sampler:
         if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
             raise TypeError("x_T must be a floating-point tensor of shape (B, ...)")
         opts = {k: v for k, v in self.opts.items() if k not in (*_SHARED_OPTIONS, *self._grid_options)}
-        denoise = Denoiser(
-            model,
-            process=process,
-            objective=get_objective(objective),
-            cond=cond,
-            uncond=uncond,
-            guidance=guidance,
-            clip_x0=clip_x0,
-            generator=generator,
-            callback=callback,
-            progress=progress,
-            name=self.name,
-        )
+        denoise = Denoiser(model, process=process, name=self.name, **denoiser)
         grid = self.grid(process)
         with torch.no_grad():
             x = SAMPLERS.get(self.name).fn(denoise, x_T.float(), grid, **opts)
