@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diffusion_lab.nets.layers import timestep_embedding
 
@@ -36,16 +36,8 @@ class DenoisingNet(Protocol):
     context_dim: int | None
     input_multiple: int
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        noise_level: torch.Tensor,
-        *,
-        class_labels: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-        second_level: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
+    def __call__(self, x: Tensor, noise_level: Tensor, **condition: Tensor | None) -> Tensor:
+        """`condition`: the keywords class_labels, context, context_mask, second_level (`ConditionedNet.forward`)."""
 
 
 def check_denoising_net(net: object) -> DenoisingNet:
@@ -130,3 +122,35 @@ def embed_condition(
         emb = emb + net.second_level_mlp(timestep_embedding(second_level, frequency_dim).to(x.dtype))
     labels = class_ids(net, class_labels, context, x)  # (B,) or None
     return emb if labels is None else emb + net.class_emb(labels)
+
+
+class ConditionedNet(nn.Module):
+    """Base of UNet and DiT: `forward` is the `DenoisingNet` call; it embeds the condition (`embed_condition`, with
+    the net's `frequency_dim`) and hands the embedding c (B, dim) to the net's `body`."""
+
+    frequency_dim: int
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_level: torch.Tensor,
+        *,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        second_level: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = embed_condition(
+            self,
+            x,
+            noise_level,
+            class_labels,
+            context,
+            frequency_dim=self.frequency_dim,
+            second_level=second_level,
+        )
+        return self.body(x, c, context, context_mask)
+
+    def body(self, x: Tensor, c: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+        """The net's output for input x (B, C, H, W) under the condition embedding c (B, dim)."""
+        raise NotImplementedError

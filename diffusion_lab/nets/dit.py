@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from torch import nn
+from torch import Tensor, nn
 
-from diffusion_lab.nets.base import condition_layers, embed_condition, second_level_layer
+from diffusion_lab.nets.base import ConditionedNet, condition_layers, second_level_layer
 from diffusion_lab.nets.layers import Attention, zero_init
 
 
@@ -90,7 +90,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p p C_out)
 
 
-class DiT(nn.Module):
+class DiT(ConditionedNet):
     """Diffusion transformer (Peebles & Xie 2023), a `DenoisingNet`:
     `net(x, noise_level, *, class_labels=?, context=?, context_mask=?)`.
 
@@ -168,30 +168,13 @@ class DiT(nn.Module):
         zero_init(self.final.modulation[-1])
         zero_init(self.final.linear)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_level: torch.Tensor,
-        *,
-        class_labels: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-        second_level: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def body(self, x: Tensor, c: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+        """x (B, C, H, W) under the condition embedding c (B, D) -> (B, C_out, H, W)."""
         p = self.patch_size
         _, _, height, width = x.shape  # (B, C, H, W)
         if height % p or width % p:
             raise ValueError(f"DiT with patch_size {p} needs H and W multiples of {p}, got {height}x{width}")
         h, w = height // p, width // p
-        c = embed_condition(
-            self,
-            x,
-            noise_level,
-            class_labels,
-            context,
-            frequency_dim=self.frequency_dim,
-            second_level=second_level,
-        )  # (B, D)
         tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # (B, N, D), N = h w
         tokens = tokens + sincos_2d(h, w, self.hidden_size).to(device=x.device, dtype=tokens.dtype)
         for block in self.blocks:

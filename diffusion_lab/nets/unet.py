@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from diffusion_lab.nets.base import condition_layers, embed_condition, second_level_layer
+from diffusion_lab.nets.base import ConditionedNet, condition_layers, second_level_layer
 from diffusion_lab.nets.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, zero_init
 
 
@@ -57,7 +57,7 @@ def _check_levels(channel_mult: tuple[int, ...], **levels: tuple[int, ...]) -> N
             raise ValueError(f"{name} {bad} out of range for {len(channel_mult)} levels")
 
 
-class UNet(nn.Module):
+class UNet(ConditionedNet):
     """DDPM / ADM-style UNet, a `DenoisingNet`: `net(x, noise_level, *, class_labels=?, context=?, context_mask=?)`.
 
     `num_classes` adds a class embedding to the time embedding; id `num_classes` is the null
@@ -162,26 +162,13 @@ class UNet(nn.Module):
         if self.class_emb is not None:
             nn.init.normal_(self.class_emb.weight, std=0.02)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_level: torch.Tensor,
-        *,
-        class_labels: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-        second_level: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        emb = embed_condition(
-            self,
-            x,
-            noise_level,
-            class_labels,
-            context,
-            frequency_dim=self.base_channels,
-            second_level=second_level,
-        )  # (B, E)
+    @property
+    def frequency_dim(self) -> int:
+        """Width of the sinusoidal noise-level embedding: base_channels."""
+        return self.base_channels
 
+    def body(self, x: Tensor, emb: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+        """x (B, C, H, W) under the condition embedding emb (B, E) -> (B, C_out, H, W)."""
         h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]
         for block in self.down:
