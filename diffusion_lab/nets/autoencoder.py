@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,43 +85,52 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn(self.block_1(x)))  # (B, C, h, w)
 
 
+class Levels(NamedTuple):
+    """What the Encoder and Decoder share: AutoencoderKL's settings but the image channels."""
+
+    base_channels: int
+    channel_mult: Sequence[int]
+    num_res_blocks: int
+    latent_channels: int
+    attention_levels: Sequence[int]
+    mid_attention: bool
+    dropout: float
+    norm_groups: int
+
+    def stage(self, ch: int, level: int, blocks: int) -> tuple[nn.Module, int]:
+        """(one level: `blocks` ResnetBlocks from ch to the level's width, each followed by attention at the
+        `attention_levels`, its output channels)."""
+        out, attention = self.base_channels * self.channel_mult[level], level in self.attention_levels
+        stage = nn.Module()
+        stage.blocks = nn.ModuleList()
+        stage.attn = nn.ModuleList()
+        for _ in range(blocks):
+            stage.blocks.append(ResnetBlock(ch, out, dropout=self.dropout, norm_groups=self.norm_groups))
+            stage.attn.append(
+                AttentionBlock(out, num_heads=1, norm_groups=self.norm_groups) if attention else nn.Identity()
+            )
+            ch = out
+        return stage, ch
+
+    def mid(self, ch: int) -> MidBlock:
+        return MidBlock(ch, attention=self.mid_attention, dropout=self.dropout, norm_groups=self.norm_groups)
+
+
 class Encoder(nn.Module):
     """Image (B, C, H, W) -> posterior moments (B, 2 * latent_channels, H / f, W / f), f = 2^(levels - 1)."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        base_channels: int,
-        channel_mult: Sequence[int],
-        num_res_blocks: int,
-        latent_channels: int,
-        attention_levels: Sequence[int] = (),
-        mid_attention: bool = True,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
-    ) -> None:
+    def __init__(self, in_channels: int, levels: Levels) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, levels.base_channels, 3, padding=1)
         self.down = nn.ModuleList()
-        ch = base_channels
-        for level, mult in enumerate(channel_mult):
-            out = base_channels * mult
-            stage = nn.Module()
-            stage.blocks = nn.ModuleList()
-            stage.attn = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                stage.blocks.append(ResnetBlock(ch, out, dropout=dropout, norm_groups=norm_groups))
-                use_attn = level in attention_levels
-                stage.attn.append(
-                    AttentionBlock(out, num_heads=1, norm_groups=norm_groups) if use_attn else nn.Identity()
-                )
-                ch = out
-            stage.downsample = Downsample(ch) if level < len(channel_mult) - 1 else nn.Identity()
+        ch, last = levels.base_channels, len(levels.channel_mult) - 1
+        for level in range(last + 1):
+            stage, ch = levels.stage(ch, level, levels.num_res_blocks)
+            stage.downsample = Downsample(ch) if level < last else nn.Identity()
             self.down.append(stage)
-        self.mid = MidBlock(ch, attention=mid_attention, dropout=dropout, norm_groups=norm_groups)
-        self.norm_out = group_norm(ch, norm_groups)
-        self.conv_out = nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)
+        self.mid = levels.mid(ch)
+        self.norm_out = group_norm(ch, levels.norm_groups)
+        self.conv_out = nn.Conv2d(ch, 2 * levels.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C0, H, W)
@@ -136,39 +145,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (B, latent_channels, h, w) -> image (B, C, h * f, w * f); mirror of the Encoder."""
 
-    def __init__(
-        self,
-        *,
-        out_channels: int,
-        base_channels: int,
-        channel_mult: Sequence[int],
-        num_res_blocks: int,
-        latent_channels: int,
-        attention_levels: Sequence[int] = (),
-        mid_attention: bool = True,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
-    ) -> None:
+    def __init__(self, out_channels: int, levels: Levels) -> None:
         super().__init__()
-        ch = base_channels * channel_mult[-1]
-        self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch, attention=mid_attention, dropout=dropout, norm_groups=norm_groups)
+        ch = levels.base_channels * levels.channel_mult[-1]
+        self.conv_in = nn.Conv2d(levels.latent_channels, ch, 3, padding=1)
+        self.mid = levels.mid(ch)
         self.up = nn.ModuleList()
-        for level in reversed(range(len(channel_mult))):
-            out = base_channels * channel_mult[level]
-            stage = nn.Module()
-            stage.blocks = nn.ModuleList()
-            stage.attn = nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                stage.blocks.append(ResnetBlock(ch, out, dropout=dropout, norm_groups=norm_groups))
-                use_attn = level in attention_levels
-                stage.attn.append(
-                    AttentionBlock(out, num_heads=1, norm_groups=norm_groups) if use_attn else nn.Identity()
-                )
-                ch = out
+        for level in reversed(range(len(levels.channel_mult))):
+            stage, ch = levels.stage(ch, level, levels.num_res_blocks + 1)
             stage.upsample = Upsample(ch) if level > 0 else nn.Identity()
             self.up.append(stage)
-        self.norm_out = group_norm(ch, norm_groups)
+        self.norm_out = group_norm(ch, levels.norm_groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     @property
@@ -228,22 +215,15 @@ class AutoencoderKL(nn.Module):
             dropout=float(dropout),
             norm_groups=int(norm_groups),
         )
-        shared = dict(
-            base_channels=base_channels,
-            channel_mult=channel_mult,
-            num_res_blocks=num_res_blocks,
-            latent_channels=latent_channels,
-            attention_levels=attention_levels,
-            mid_attention=mid_attention,
-            dropout=dropout,
-            norm_groups=norm_groups,
+        levels = Levels(
+            **{k: v for k, v in self.init_kwargs.items() if k not in ("in_channels", "out_channels")}
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.latent_channels = latent_channels
         self.downsampling_factor = 2 ** (len(channel_mult) - 1)
-        self.encoder = Encoder(in_channels=in_channels, **shared)
-        self.decoder = Decoder(out_channels=out_channels, **shared)
+        self.encoder = Encoder(in_channels, levels)
+        self.decoder = Decoder(out_channels, levels)
         self.init_weights()
 
     def init_weights(self) -> None:
