@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from diffusion_lab.callbacks.sampling import PeriodicSampling
+from diffusion_lab.callbacks.sampling import PeriodicSampling, periodic_args
 from diffusion_lab.generate import balanced_labels
 from diffusion_lab.metrics.features import FeatureExtractor
 from diffusion_lab.metrics.fid import RealFeatureCache, describe_datamodule, fid_metric, set_real_features
@@ -45,14 +45,7 @@ class FID(PeriodicSampling):
         cache_dir: str | None = None,
         on_train_end: bool = True,
     ) -> None:
-        super().__init__(
-            sampler=sampler,
-            every_n_steps=every_n_steps,
-            on_train_end=on_train_end,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            batch_size=batch_size,
-        )
+        super().__init__(**periodic_args(locals()))
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {num_samples}")
         if split not in SPLITS:

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from diffusion_lab.callbacks.sampling import PeriodicSampling
+from diffusion_lab.callbacks.sampling import PeriodicSampling, periodic_args
 from diffusion_lab.diffusion.samplers import Sampler
 from diffusion_lab.images import log_image, save_grid
 
@@ -38,13 +38,7 @@ class ImageLogger(PeriodicSampling):
                     f"steps= needs a registered sampler (get_sampler), got {type(sampler).__name__}"
                 )
             sampler = dataclasses.replace(sampler, steps=steps)
-        super().__init__(
-            sampler=sampler,
-            every_n_steps=every_n_steps,
-            on_train_end=on_train_end,
-            guidance_scale=guidance_scale,
-            seed=seed,
-        )
+        super().__init__(**periodic_args(locals()))
         self.num_samples = num_samples
         self.prompts = list(prompts) if prompts else None
         self.paths: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -10,6 +11,13 @@ from lightning.pytorch.callbacks import Callback
 
 from diffusion_lab.callbacks.ema import averaged_module
 from diffusion_lab.generate import generate, generate_all
+
+PERIODIC_ARGS = ("sampler", "every_n_steps", "on_train_end", "guidance_scale", "seed", "batch_size")
+
+
+def periodic_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The PeriodicSampling arguments among a subclass constructor's `locals()`."""
+    return {k: args[k] for k in PERIODIC_ARGS if k in args}
 
 
 class PeriodicSampling(Callback):
