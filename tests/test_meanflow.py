@@ -374,3 +374,23 @@ def test_meanflow_loss_on_a_compiled_net_equals_the_eager_one():
         torch._dynamo.reset()
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_jvp_under_bf16_autocast_runs_in_float32_and_matches_the_plain_call():
+    """experiment=fashion_mnist trains under bf16-mixed: autocast casts the weights but not the tangents, which
+    made forward mode fail on a dtype mismatch; the jvp leaves autocast and returns the float32 values."""
+    net = _real_net("unet").float()
+    g = torch.Generator().manual_seed(3)
+    z, v = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    t, r = torch.tensor([0.8, 0.4]), torch.tensor([0.2, 0.4])
+    labels = torch.tensor([1, 0])
+
+    def u_of(z, t, r):
+        return net(z, t, second_level=t - r, class_labels=labels)
+
+    expected = mf.jvp(u_of, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mf.jvp(u_of, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    for e, x in zip(expected, got, strict=True):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x, e)

@@ -97,19 +97,27 @@ def _is_null(cond: dict[str, Tensor], null: dict[str, Tensor]) -> Tensor:
 _MATH_ATTENTION = False  # set once SDPA's fused kernel refused forward mode: jvp runs attention's math kernel
 
 
+def _at_least_fp32(xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs)
+
+
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
     """``torch.func.jvp(fn, primals, tangents)``, under SDPA's math kernel when the fused kernels of this PyTorch
-    have no forward-mode rule (the CPU flash kernel has none in torch 2.x): tried once, then remembered."""
+    have no forward-mode rule (the CPU flash kernel has none in torch 2.x): tried once, then remembered. Always in
+    float32, outside any autocast (bf16-mixed runs: autocast casts the weights but not the fp32 tangents, and
+    forward mode then fails on the dtype mismatch)."""
     global _MATH_ATTENTION
-    if not _MATH_ATTENTION:
-        try:
+    with torch.autocast(primals[0].device.type, enabled=False):
+        primals, tangents = _at_least_fp32(primals), _at_least_fp32(tangents)
+        if not _MATH_ATTENTION:
+            try:
+                return torch.func.jvp(fn, primals, tangents)
+            except NotImplementedError as e:
+                if "forward AD" not in str(e):
+                    raise
+                _MATH_ATTENTION = True
+        with sdpa_kernel([SDPBackend.MATH]):
             return torch.func.jvp(fn, primals, tangents)
-        except NotImplementedError as e:
-            if "forward AD" not in str(e):
-                raise
-            _MATH_ATTENTION = True
-    with sdpa_kernel([SDPBackend.MATH]):
-        return torch.func.jvp(fn, primals, tangents)
 
 
 @register_objective(FORMULATION)
