@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
 }
 JUDGE_HINT = (
     "the race needs a judge: judge_ckpt=<run>/checkpoints/last.ckpt of "
-    "`python -m diffusion_lab.train experiment=fashion_mnist_classifier` (about 35 min on one loaded CPU thread)"
+    "`python -m diffusion_lab.train experiment=fashion_mnist_classifier` (15 min on 2 idle cores, over an hour on one loaded thread)"
 )
 
 
