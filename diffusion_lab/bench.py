@@ -601,7 +601,13 @@ def run(
         )
     if framework:
         print("[bench] framework: DiffusionSystem step and data loader ...", flush=True)
-        result["framework"] = bench_framework(s, repeats=repeats, warmup=warmup)
+        try:  # the nets' timings above are kept when the framework step cannot run in these settings
+            result["framework"] = bench_framework(s, repeats=repeats, warmup=warmup)
+        except Exception as e:  # e.g. torch.compile's inductor failing on the CPU (issue 23)
+            result["framework"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(
+                f"[bench] framework step failed ({result['framework']['error']}); the nets' timings are kept"
+            )
     result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
 
@@ -665,7 +671,9 @@ def format_table(result: dict) -> str:
             f"**{p['unet_over_dit_step']:.2f}x** | {s_txt} |"
         )
     fw = result.get("framework")
-    if fw:
+    if fw and "error" in fw:
+        lines += ["", f"framework quickstart step: failed ({fw['error']})"]
+    elif fw:
         lines += [
             "",
             f"framework quickstart step (DiffusionSystem.diffusion_step + AdamW): "

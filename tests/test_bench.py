@@ -138,3 +138,21 @@ def test_flops_count_attention_on_the_cpu():
 def test_unknown_preset_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown preset"):
         bench.main(["--preset", "huge", "--out", str(tmp_path / "b.json")])
+
+
+def test_a_failing_framework_step_keeps_the_nets_timings(tmp_path, monkeypatch):
+    """`--compile` on a CPU whose inductor fails in the framework step used to lose the whole output."""
+    pytest.importorskip("diffusers")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("InductorError: cannot determine truth value of Relational\nmore lines")
+
+    monkeypatch.setattr(bench, "bench_framework", fail)
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--no-sampling", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["presets"][0]["train_step_s"]["ours"]["n"] == 1
+    assert saved["framework"] == {
+        "error": "RuntimeError: InductorError: cannot determine truth value of Relational"
+    }
+    assert "framework quickstart step: failed (RuntimeError" in out.with_suffix(".md").read_text()
