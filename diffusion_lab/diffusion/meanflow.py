@@ -103,7 +103,7 @@ def _at_least_fp32(xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
     """``torch.func.jvp(fn, primals, tangents)``, under SDPA's math kernel when the fused kernels of this PyTorch
-    have no forward-mode rule (the CPU flash kernel has none in torch 2.x): tried once, then remembered. Always in
+    have no forward-mode rule (the CPU flash kernel has none in torch 2.x): tried once, then remembered. Never below
     float32, outside any autocast (bf16-mixed runs: autocast casts the weights but not the fp32 tangents, and
     forward mode then fails on the dtype mismatch)."""
     global _MATH_ATTENTION
