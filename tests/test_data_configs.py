@@ -98,3 +98,18 @@ def test_image_transform_crop_resize_flip():
 def test_download_url_offline_message(tmp_path):
     with pytest.raises(DataError, match="could not download .*put it at"):
         download_url((tmp_path / "absent.tar.gz").as_uri(), tmp_path / "dest" / "x.tar.gz")
+
+
+def test_loader_options_are_checked_and_spelled_out():
+    """Data modules take the loader options as `**loader`: a typo fails naming the module, the signature shows them."""
+    from diffusion_lab.data.base import LOADER_OPTIONS
+    from diffusion_lab.data.cifar import CIFAR100DataModule
+
+    with pytest.raises(
+        TypeError, match=r"CIFAR100DataModule\(\) got unexpected keyword argument\(s\) batchsize"
+    ):
+        CIFAR100DataModule(batchsize=3)
+    params = inspect.signature(CIFAR100DataModule.__init__).parameters
+    assert list(params)[-len(LOADER_OPTIONS) :] == list(LOADER_OPTIONS)
+    dm = DigitsDataModule(batch_size=7, seed=3, captions=True)
+    assert (dm.batch_size, dm.seed, dm.captions, dm.num_workers) == (7, 3, True, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -266,9 +267,32 @@ def held_out_val(n_train: int, n_total: int, *, val_fraction: float, seed: int) 
     return [train, np.sort(val), np.arange(n_train, n_total)]
 
 
+# the keyword arguments every data module takes and hands on unchanged, as `**loader`, to BaseDataModule
+LOADER_OPTIONS = ("seed", "captions", "batch_size", "num_workers", "pin_memory")
+
+
 def init_args(args: dict[str, Any], *leave_out: str) -> dict[str, Any]:
-    """A data module constructor's `locals()` as keyword arguments of its base's (without self, `leave_out`)."""
-    return {k: v for k, v in args.items() if k not in ("self", "__class__", *leave_out)}
+    """A data module constructor's `locals()` as keyword arguments of its base's: its own arguments (without
+    self, `leave_out`) and the loader options of its `**loader`, which must be in LOADER_OPTIONS."""
+    loader = args.get("loader", {})
+    if unknown := sorted(set(loader) - set(LOADER_OPTIONS)):
+        owner = getattr(args.get("__class__"), "__name__", "the data module")
+        raise TypeError(
+            f"{owner}() got unexpected keyword argument(s) {', '.join(unknown)}; its loader options are"
+            f" {', '.join(LOADER_OPTIONS)}"
+        )
+    own = {k: v for k, v in args.items() if k not in ("self", "__class__", "loader", *leave_out)}
+    return {**own, **loader}
+
+
+def spelled_out_signature(init: Any) -> inspect.Signature:
+    """`init`'s signature with its `**loader` replaced by BaseDataModule's keyword-only loader options and their
+    defaults: what inspect, help() and tests/test_data_configs.py see."""
+    params = list(inspect.signature(init).parameters.values())
+    if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD or params[-1].name != "loader":
+        return inspect.signature(init)
+    base = inspect.signature(BaseDataModule.__init__).parameters
+    return inspect.signature(init).replace(parameters=[*params[:-1], *(base[k] for k in LOADER_OPTIONS)])
 
 
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -298,6 +322,11 @@ class BaseDataModule(L.LightningDataModule):
     data_dir: Path | None
     fractions: tuple[float, float, float]
     val_fraction: float
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if (init := cls.__dict__.get("__init__")) is not None:
+            init.__signature__ = spelled_out_signature(init)
 
     def __init__(
         self,

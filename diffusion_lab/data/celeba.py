@@ -229,12 +229,8 @@ class CelebADataModule(BaseDataModule):
         crop_size: int | None = 140,
         channels: int = 3,
         hflip: bool = True,
-        captions: bool = False,
         skip_corrupt: bool = False,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
         super().__init__(**init_args(locals()))
 

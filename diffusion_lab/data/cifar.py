@@ -206,11 +206,7 @@ class CIFAR10DataModule(BaseDataModule):
         channels: int = 3,
         hflip: bool = True,
         val_fraction: float = 0.02,
-        seed: int = 0,
-        captions: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
         super().__init__(**init_args(locals()))
 
@@ -247,11 +243,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         channels: int = 3,
         hflip: bool = True,
         val_fraction: float = 0.02,
-        seed: int = 0,
-        captions: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
         if label_type not in ("fine", "coarse"):
             raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")

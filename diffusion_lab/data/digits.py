@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from diffusion_lab.data.base import BaseDataModule, init_args
@@ -31,11 +33,7 @@ class DigitsDataModule(BaseDataModule):
         channels: int = 1,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
-        seed: int = 0,
-        captions: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
         super().__init__(**init_args(locals()))
 

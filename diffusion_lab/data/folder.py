@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,12 +85,8 @@ class ImageFolderDataModule(BaseDataModule):
         hflip: bool = True,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
-        seed: int = 0,
-        captions: bool = False,
         skip_corrupt: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
         super().__init__(**init_args(locals()))
         self._scan: tuple[list[str], np.ndarray | None, list[str] | None] | None = None

@@ -8,6 +8,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -171,11 +172,7 @@ class MNISTDataModule(BaseDataModule):
         image_size: int = 32,
         channels: int = 1,
         val_fraction: float = 0.02,
-        seed: int = 0,
-        captions: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
         super().__init__(**init_args(locals()))
         self.class_names = list(self.spec.class_names)

@@ -195,11 +195,7 @@ class ShapesDataModule(BaseDataModule):
         channels: int = 3,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
-        seed: int = 0,
-        captions: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
         if num_images < 3:
             raise ValueError(f"num_images must be >= 3 (one per split), got {num_images}")
