@@ -285,14 +285,19 @@ def init_args(args: dict[str, Any], *leave_out: str) -> dict[str, Any]:
     return {**own, **loader}
 
 
-def spelled_out_signature(init: Any) -> inspect.Signature:
-    """`init`'s signature with its `**loader` replaced by BaseDataModule's keyword-only loader options and their
-    defaults: what inspect, help() and tests/test_data_configs.py see."""
+def spell_out_loader(init: Any) -> None:
+    """Give a data module's `__init__(*, <its own arguments>, **loader)` the signature and annotations with
+    `loader` replaced by BaseDataModule's keyword-only loader options and their defaults: what inspect, help(),
+    the config type checks (config_types.py) and tests/test_data_configs.py see."""
     params = list(inspect.signature(init).parameters.values())
     if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD or params[-1].name != "loader":
-        return inspect.signature(init)
-    base = inspect.signature(BaseDataModule.__init__).parameters
-    return inspect.signature(init).replace(parameters=[*params[:-1], *(base[k] for k in LOADER_OPTIONS)])
+        return
+    base = BaseDataModule.__init__
+    init.__signature__ = inspect.signature(init).replace(
+        parameters=[*params[:-1], *(inspect.signature(base).parameters[k] for k in LOADER_OPTIONS)]
+    )
+    own = {k: v for k, v in init.__annotations__.items() if k != "loader"}
+    init.__annotations__ = {**own, **{k: base.__annotations__[k] for k in LOADER_OPTIONS}}
 
 
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -326,7 +331,7 @@ class BaseDataModule(L.LightningDataModule):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if (init := cls.__dict__.get("__init__")) is not None:
-            init.__signature__ = spelled_out_signature(init)
+            spell_out_loader(init)
 
     def __init__(
         self,
