@@ -289,15 +289,15 @@ def spell_out_loader(init: Any) -> None:
     """Give a data module's `__init__(*, <its own arguments>, **loader)` the signature and annotations with
     `loader` replaced by BaseDataModule's keyword-only loader options and their defaults: what inspect, help(),
     the config type checks (config_types.py) and tests/test_data_configs.py see."""
-    params = list(inspect.signature(init).parameters.values())
-    if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD or params[-1].name != "loader":
+    signature = inspect.signature(init)
+    *own, last = signature.parameters.values()
+    if last.kind is not inspect.Parameter.VAR_KEYWORD or last.name != "loader":
         return
     base = BaseDataModule.__init__
-    init.__signature__ = inspect.signature(init).replace(
-        parameters=[*params[:-1], *(inspect.signature(base).parameters[k] for k in LOADER_OPTIONS)]
-    )
-    own = {k: v for k, v in init.__annotations__.items() if k != "loader"}
-    init.__annotations__ = {**own, **{k: base.__annotations__[k] for k in LOADER_OPTIONS}}
+    base_params = inspect.signature(base).parameters
+    init.__signature__ = signature.replace(parameters=[*own, *(base_params[k] for k in LOADER_OPTIONS)])
+    annotations = {k: v for k, v in init.__annotations__.items() if k != "loader"}
+    init.__annotations__ = {**annotations, **{k: base.__annotations__[k] for k in LOADER_OPTIONS}}
 
 
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
